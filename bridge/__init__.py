@@ -1,0 +1,1 @@
+"""Converters between model outputs and the tools pathologists use (QuPath, FastPathology)."""

@@ -1,0 +1,116 @@
+"""The `zoo` CLI end to end: outputs, provenance, exit codes and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoo.cli import main
+
+
+def zoo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_list_info_verify(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert any(r["default"] for r in rows)
+    assert main(["info", rows[0]["id"], "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["weights"]["sha256"] and info["versions"]
+    assert main(["verify", "--json"]) == 0
+    assert all(r["ok"] for r in json.loads(capsys.readouterr().out))
+
+
+def test_help_shows_defaults() -> None:
+    r = zoo("run", "--help")
+    assert r.returncode == 0 and "(default: 8)" in r.stdout and "--mpp" in r.stdout
+
+
+def test_run_writes_mask_geojson_and_provenance(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = main(["--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = out / cmu_slide.stem
+    assert sorted(p.name for p in res.iterdir()) == ["annotations.geojson", "mask.tiff", "run.json"]
+    run = json.loads((res / "run.json").read_text())
+    assert run["model"]["id"] == "darkness@0.1.0" and len(run["model"]["sha256"]) == 64
+    assert run["providers"] == ["CPUExecutionProvider"]
+    assert run["versions"]["onnxruntime"] and run["arguments"]["out_dir"] == str(out)
+    assert run["resolution"]["mask_mpp"] == pytest.approx(0.499 * 4)
+    assert 0 < run["classes"]["Tissue"]["area_mm2"] < 1.65  # the slide is 1.1 x 1.5 mm
+    fc = json.loads((res / "annotations.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and fc["features"]
+    assert [p.name for p in out.iterdir()] == [cmu_slide.stem]  # no temporary leftovers
+
+
+def test_second_run_is_skipped_unless_forced(cmu_slide: Path, darkness_registry: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(tmp_path / "o"), "--json"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "skipped"
+    assert main([*args, "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "ok"
+
+
+def test_batch_continues_past_a_broken_slide(cmu_slide: Path, broken_slide: Path, darkness_registry: Path,
+                                             tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = zoo("--registry", str(darkness_registry), "run", "darkness", str(broken_slide), str(cmu_slide),
+            "--out", str(out), "--no-progress")
+    assert r.returncode == 1
+    assert (out / cmu_slide.stem / "mask.tiff").exists()
+    assert not (out / broken_slide.stem).exists()
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(broken_slide) in errors[0]
+    assert "1 of 2 slides failed" in r.stderr
+    assert [p.name for p in out.iterdir()] == [cmu_slide.stem]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["run", "no-such-model", "x.svs"], 1, "not in the registry"),
+        (["run", "peer-tissue-unet@7.0.0", "x.svs"], 1, "has no version"),
+        (["run", "peer-tissue-unet", "/nonexistent/slide.svs"], 1, "no such file"),
+        (["run"], 2, "usage"),
+        (["run", "peer-tissue-unet", "x.svs", "--batch-size", "many"], 2, "invalid int"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_bad_input_exit_codes(args: list[str], code: int, needle: str) -> None:
+    r = zoo(*args)
+    assert r.returncode == code, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_checksum_mismatch_refused(tampered_registry: Path, cmu_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = zoo("--registry", str(tampered_registry), "run", "peer-tissue-unet", str(cmu_slide), "--out", str(out))
+    assert r.returncode == 1 and "sha256" in r.stderr and "does not match" in r.stderr
+    assert not out.exists()
+    r = zoo("--registry", str(tampered_registry), "verify")
+    assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+def test_unwritable_output(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"  # a file where the output folder should be
+    blocker.write_text("")
+    r = zoo("--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(blocker / "x"))
+    assert r.returncode == 1 and "writable" in r.stderr
+    assert blocker.read_text() == ""
+
+
+def test_demo_runs_default_model_on_bundled_slide(tmp_path: Path) -> None:
+    r = zoo("demo", "--out", str(tmp_path), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((tmp_path / "cmu-1-small-region" / "run.json").read_text())
+    assert run["slide"]["path"].endswith("cmu-1-small-region.svs")

@@ -1,0 +1,110 @@
+"""The streaming runner: exact stitching on a pointwise model, real models on real slides, providers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from zoo.registry import load_registry, verified_weights
+from zoo.runner import OnnxModel, RunOptions, labels_from_probabilities, predict_slide
+from zoo.slide import model_dimensions, open_slide, read_scaled
+
+PROVIDERS = [
+    pytest.param("CPUExecutionProvider", id="cpu"),
+    pytest.param(
+        "CUDAExecutionProvider",
+        id="cuda",
+        marks=pytest.mark.skipif(
+            "CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA provider (no GPU here)"
+        ),
+    ),
+]
+
+
+def _model(registry: Path, provider: str = "CPUExecutionProvider") -> OnnxModel:
+    reg = load_registry(registry)
+    entry = reg.get(None)
+    return OnnxModel(verified_weights(entry, reg), entry, providers=[provider])
+
+
+@pytest.mark.parametrize(
+    ("slide_name", "backend", "tolerance"),
+    [
+        ("cmu", "openslide", 0.0005),
+        ("cmu", "tifffile", 0.0005),
+        ("tcga", "tifffile", 0.0005),
+        # OpenSlide paints this slide's level 1 (downsample 2.0005) at sub-pixel offsets that
+        # differ between a tile read and a whole-level read, so pixels near the threshold flip.
+        ("tcga", "openslide", 0.01),
+    ],
+)
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_tiled_stitching_is_exact(
+    darkness_registry: Path, request: pytest.FixtureRequest, slide_name: str, backend: str, tolerance: float,
+    batch_size: int,
+) -> None:
+    """Overlap averaging of a pointwise model must equal the model applied to the whole image."""
+    model = _model(darkness_registry)
+    path = request.getfixturevalue(f"{slide_name}_slide")
+    with open_slide(path, backend=backend) as slide:  # type: ignore[arg-type]
+        pred = predict_slide(slide, model, RunOptions(skip_background=False, batch_size=batch_size, progress=False))
+        choice = pred.choice
+        assert choice is not None and choice.mpp_assumed == (slide_name == "tcga")  # TCGA has no mpp
+        w, h = model_dimensions(slide, choice)
+        whole = read_scaled(slide, choice, 0, 0, w, h).astype(np.float32) / 255.0
+    expected = ((1.0 - whole.mean(axis=-1)) >= 0.2).astype(np.uint8)
+    assert pred.mask.shape == (h, w)
+    disagree = int((pred.mask != expected).sum())
+    assert disagree <= tolerance * expected.size  # float rounding at the threshold only
+    assert pred.stats["tiles_run"] == pred.stats["tiles_total"] > 1
+
+
+def test_background_skipping_runs_fewer_tiles(darkness_registry: Path, kidney_slide: Path) -> None:
+    model = _model(darkness_registry)
+    with open_slide(kidney_slide) as slide:
+        full = predict_slide(slide, model, RunOptions(skip_background=False, progress=False, level=0))
+        skip = predict_slide(slide, model, RunOptions(skip_background=True, progress=False, level=0))
+    assert skip.stats["tiles_run"] < 0.5 * full.stats["tiles_total"]
+    # the tissue fragment itself is still found
+    assert skip.mask.sum() > 0.5 * full.mask.sum()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("model_id", [m.id for m in load_registry().models])
+def test_registered_models_find_tissue(cmu_slide: Path, model_id: str, provider: str) -> None:
+    reg = load_registry()
+    entry = reg.get(model_id)
+    model = OnnxModel(verified_weights(entry, reg), entry, providers=[provider])
+    assert model.providers[0] == provider
+    with open_slide(cmu_slide) as slide:
+        pred = predict_slide(slide, model, RunOptions(progress=False))
+    frac = pred.class_fractions().get(1, 0.0)
+    assert 0.2 < frac < 0.6, frac  # CMU-1-Small-Region is about a third tissue
+
+
+def test_labels_from_softmax_and_multilabel() -> None:
+    from zoo.registry import ModelEntry
+
+    base = load_registry().get(None).model_dump()
+    base["classes"] = [
+        {"index": 0, "name": "Background", "color": [0, 0, 0]},
+        {"index": 3, "name": "A", "color": [1, 2, 3]},
+        {"index": 5, "name": "B", "color": [4, 5, 6]},
+    ]
+    base["output"] = {**base["output"], "activation": "softmax", "channels": 3}
+    entry = ModelEntry(**base)
+    prob = np.zeros((3, 2, 2), np.float32)
+    prob[0, 0, 0] = prob[1, 0, 1] = prob[2, 1, :] = 1
+    assert labels_from_probabilities(prob, entry).tolist() == [[0, 3], [5, 5]]
+
+
+def test_model_input_mismatch_is_refused(darkness_registry: Path) -> None:
+    from zoo.errors import ModelInputError
+
+    text = darkness_registry.read_text().replace("input_name: image", "input_name: pixels")
+    darkness_registry.write_text(text)
+    with pytest.raises(ModelInputError, match="no input 'pixels'"):
+        _model(darkness_registry)

@@ -1,0 +1,356 @@
+"""The ``zoo`` command line. Exit codes: 0 success, 1 failure, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import ZooError
+
+EPILOG = "Models: `zoo list`. Results of `zoo run` go to OUT/<slide name>/ (mask.tiff, annotations.geojson, run.json)."
+
+
+def bundled_slide() -> Path:
+    """The real slide shipped with the package (CMU-1-Small-Region, CC0, Aperio SVS)."""
+    return Path(str(resources.files("zoo") / "data" / "cmu-1-small-region.svs"))
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            print(f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    else:
+        print(obj)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out", help="results folder (one sub-folder per slide)")
+    p.add_argument("--format", dest="formats", nargs="+", choices=["tiff", "geojson"], default=["tiff", "geojson"],
+                   help="outputs to write")
+    p.add_argument("--mpp", type=float, default=None, help="run at this µm/px (default: the model's target_mpp)")
+    p.add_argument("--level", type=int, default=None, help="run on this pyramid level instead of --mpp")
+    p.add_argument("--slide-mpp", type=float, default=None,
+                   help="level-0 µm/px to assume for slides without resolution metadata (default: from objective, else 0.5)")
+    p.add_argument("--backend", choices=["auto", "openslide", "tifffile"], default="auto", help="slide reader")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per ONNX Runtime call")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="ONNX Runtime execution providers (default: CUDA if available, then CPU)")
+    p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0: one per core)")
+    p.add_argument("--no-skip-background", dest="skip_background", action="store_false",
+                   help="run every tile, also those the thumbnail pre-mask calls glass")
+    p.add_argument("--simplify-um", type=float, default=2.0, help="polygon simplification tolerance in µm")
+    p.add_argument("--min-area-um2", type=float, default=500.0, help="drop objects smaller than this (µm²)")
+    p.add_argument("--object-type", choices=["annotation", "detection"], default="annotation",
+                   help="QuPath object type of the GeoJSON features")
+    p.add_argument("--force", action="store_true", help="re-run slides that already have results for this model")
+    p.add_argument("--workers", type=int, default=0, help="run slides on a local Dask cluster of N processes (0: no Dask)")
+    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print per-slide results as JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="zoo", description="Pathology model zoo: run registered WSI segmentation models "
+                                 "and bridge their results to QuPath and FastPathology.", epilog=EPILOG, formatter_class=fmt)
+    ap.add_argument("--registry", default=None, help="registry.yaml to use (default: $ZOO_REGISTRY or the bundled one)")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list registered models", formatter_class=fmt)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("info", help="show one model's registry entry", formatter_class=fmt)
+    p.add_argument("model", help="NAME or NAME@VERSION")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("verify", help="check weights' sha256 and reproduce each model's bundled test output",
+                       formatter_class=fmt)
+    p.add_argument("model", nargs="?", default=None, help="NAME[@VERSION] (default: every model)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("inspect", help="describe a slide (levels, resolution, backend)", formatter_class=fmt)
+    p.add_argument("slide", help="slide file")
+    p.add_argument("--backend", choices=["auto", "openslide", "tifffile"], default="auto", help="slide reader")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("run", help="run a model on slides (files, folders or globs)", formatter_class=fmt)
+    p.add_argument("model", help="NAME or NAME@VERSION (see `zoo list`)")
+    p.add_argument("slides", nargs="+", help="slide files, folders of slides, or quoted globs")
+    _add_run_options(p)
+
+    p = sub.add_parser("demo", help="run the default model on the bundled real slide", formatter_class=fmt)
+    _add_run_options(p)
+
+    p = sub.add_parser("convert", help="mask TIFF to QuPath GeoJSON, or GeoJSON to a mask TIFF", formatter_class=fmt)
+    p.add_argument("source", help="mask.tiff written by `zoo run`, or a QuPath GeoJSON file")
+    p.add_argument("--to", choices=["geojson", "tiff"], required=True, help="output format")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--like", default=None, help="(GeoJSON to TIFF) a mask.tiff whose size, resolution and classes to use")
+    p.add_argument("--model", default=None, help="classes from this model (default: the mask's, else the default model)")
+    p.add_argument("--slide-mpp", type=float, default=None, help="level-0 µm/px if the mask has none")
+    p.add_argument("--simplify-um", type=float, default=2.0, help="polygon simplification tolerance in µm")
+    p.add_argument("--min-area-um2", type=float, default=500.0, help="drop objects smaller than this (µm²)")
+    p.add_argument("--object-type", choices=["annotation", "detection"], default="annotation", help="QuPath object type")
+    p.add_argument("--class-map", nargs="*", default=[], metavar="NAME=CLASS",
+                   help="map annotation class names onto model classes")
+
+    p = sub.add_parser("edits", help="compare a prediction with a pathologist's edited GeoJSON; write the corrected mask",
+                       formatter_class=fmt)
+    p.add_argument("prediction", help="mask.tiff from `zoo run` (or its results folder)")
+    p.add_argument("edited", help="GeoJSON exported from QuPath after editing")
+    p.add_argument("--out", default=None, help="corrected mask TIFF (default: beside the prediction, corrected.tiff)")
+    p.add_argument("--class-map", nargs="*", default=[], metavar="NAME=CLASS",
+                   help="map edited class names onto model classes, e.g. Region*=Tissue")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("export", help="export a model for another tool", formatter_class=fmt)
+    esub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    f = esub.add_parser("fast", help="FastPathology folder: pipelines/<name>.fpl + models/<name>.onnx", formatter_class=fmt)
+    f.add_argument("model", help="NAME or NAME@VERSION")
+    f.add_argument("dir", help="output folder")
+    f.add_argument("--engine", choices=["ONNXRuntime", "OpenVINO", "TensorRT"], default="ONNXRuntime",
+                   help="FAST inference engine")
+
+    p = sub.add_parser("qupath-project", help="create a QuPath project with slides and their predictions (needs paquo)",
+                       formatter_class=fmt)
+    p.add_argument("project", help="project folder to create")
+    p.add_argument("results", nargs="+", help="results folders written by `zoo run`")
+    return ap
+
+
+def _class_map(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(2)
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from zoo.registry import load_registry
+
+    reg = load_registry(args.registry)
+    rows = [
+        {"id": m.id, "task": m.task, "default": m.name == reg.default_model, "licence": m.licence,
+         "summary": m.summary}
+        for m in reg.models
+    ]
+    if args.json:
+        _print(rows, True)
+    else:
+        for r in rows:
+            print(f"{r['id']:<28} {r['task']:<22} {'(default) ' if r['default'] else ''}{r['summary']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from zoo.registry import load_registry
+
+    reg = load_registry(args.registry)
+    entry = reg.get(args.model)
+    data = entry.model_dump(mode="json")
+    data["versions"] = reg.versions(entry.name)
+    data["weights"]["path"] = str(reg.resolve(entry.weights.uri))
+    _print(data, args.json)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from zoo.verify import verify_model
+    from zoo.registry import load_registry
+
+    reg = load_registry(args.registry)
+    entries = [reg.get(args.model)] if args.model else reg.models
+    results = []
+    for e in entries:
+        try:
+            results.append(verify_model(e, reg))
+        except ZooError as err:
+            results.append({"model": e.id, "ok": False, "error": str(err)})
+    if args.json:
+        _print(results, True)
+    else:
+        for r in results:
+            state = "ok  " if r["ok"] else "FAIL"
+            print(f"{state} {r['model']}: {r.get('detail') or r.get('error')}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from zoo.slide import open_slide
+
+    with open_slide(args.slide, backend=args.backend) as s:
+        _print(s.describe(), args.json)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
+    from zoo.jobs import JobConfig, expand_slides, run_many, run_many_dask
+    from zoo.registry import load_registry
+
+    reg = load_registry(args.registry)
+    model = getattr(args, "model", None) or reg.default_model
+    entry = reg.get(model)  # unknown model: fail before touching any slide
+    paths = expand_slides(slides if slides is not None else args.slides)
+    if not paths:
+        print(f"error: no slides found in {args.slides}; pass slide files, a folder or a quoted glob", file=sys.stderr)
+        return 1
+    cfg = JobConfig(
+        model=entry.id, registry_path=args.registry, out_dir=args.out, formats=tuple(args.formats),
+        backend=args.backend, target_mpp=args.mpp, level=args.level, slide_mpp=args.slide_mpp,
+        batch_size=args.batch_size, providers=args.providers, threads=args.threads,
+        skip_background=args.skip_background, progress=args.progress and sys.stderr.isatty(),
+        simplify_um=args.simplify_um, min_area_um2=args.min_area_um2, object_type=args.object_type, force=args.force,
+    )
+    if args.workers or args.scheduler:
+        results = run_many_dask(paths, cfg, scheduler=args.scheduler, workers=max(1, args.workers))
+    else:
+        results = run_many(paths, cfg)
+    if args.json:
+        _print([asdict(r) for r in results], True)
+    for r in results:
+        if r.status == "failed":
+            print(f"error: {r.error}", file=sys.stderr)
+        elif not args.json:
+            tissue = {k: v["area_mm2"] if v["area_mm2"] is not None else f"{v['fraction']:.1%}"
+                      for k, v in r.summary.get("classes", {}).items() if k.lower() != "background"}
+            print(f"{r.status}: {r.slide} -> {r.out} {tissue if r.status == 'ok' else r.summary.get('reason', '')}")
+    failed = sum(r.status == "failed" for r in results)
+    if failed and len(results) > 1:
+        print(f"{failed} of {len(results)} slides failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bridge.geojson import ClassStyle, mask_to_feature_collection, read_qupath_geojson
+    from bridge.edits import corrected_mask
+    from zoo.outputs import read_mask_tiff, write_json, write_mask_tiff
+    from zoo.registry import load_registry
+
+    src = Path(args.source)
+    if args.to == "geojson":
+        mask, mpp, meta = read_mask_tiff(src)
+        classes = _classes(meta, args, load_registry)
+        ds = float(meta.get("downsample", 1.0))
+        mpp0 = (mpp / ds) if mpp else args.slide_mpp
+        fc = mask_to_feature_collection(mask, [c for c in classes if c.index != 0], ds, mpp0, args.simplify_um,
+                                        args.min_area_um2, args.object_type)
+        write_json(Path(args.out), fc)
+        print(f"{args.out}: {len(fc['features'])} features")
+        return 0
+    if not args.like:
+        print("error: --to tiff needs --like MASK.tiff (the size, resolution and classes to rasterise onto)",
+              file=sys.stderr)
+        return 2
+    like, mpp, meta = read_mask_tiff(Path(args.like))
+    classes = _classes(meta, args, load_registry)
+    ds = float(meta.get("downsample", 1.0))
+    w0, h0 = int(round(like.shape[1] * ds)), int(round(like.shape[0] * ds))
+    report = read_qupath_geojson(src, bounds_px=(w0, h0))
+    out = corrected_mask(report, classes, like.shape, ds, _class_map(args.class_map))
+    write_mask_tiff(Path(args.out), out, mpp, colormap={c.index: c.color for c in classes},
+                    description=json.dumps({**meta, "source": str(src)}))
+    print(json.dumps(report.summary()))
+    return 0
+
+
+def _classes(meta: dict[str, Any], args: argparse.Namespace, load_registry: Any) -> list[Any]:
+    from bridge.geojson import ClassStyle
+
+    if meta.get("classes") and not args.model:
+        return [ClassStyle(int(c["index"]), c["name"], tuple(c["color"])) for c in meta["classes"]]
+    entry = load_registry(args.registry).get(args.model or meta.get("model"))
+    return [ClassStyle(c.index, c.name, tuple(c.color)) for c in entry.classes]
+
+
+def cmd_edits(args: argparse.Namespace) -> int:
+    from bridge.edits import compare_masks, corrected_mask
+    from bridge.geojson import ClassStyle, read_qupath_geojson
+    from zoo.outputs import read_mask_tiff, write_mask_tiff
+
+    pred_path = Path(args.prediction)
+    if pred_path.is_dir():
+        pred_path = pred_path / "mask.tiff"
+    pred, mpp, meta = read_mask_tiff(pred_path)
+    if not meta.get("classes"):
+        print(f"error: {pred_path}: has no class metadata; pass a mask written by `zoo run`", file=sys.stderr)
+        return 1
+    classes = [ClassStyle(int(c["index"]), c["name"], tuple(c["color"])) for c in meta["classes"]]
+    ds = float(meta.get("downsample", 1.0))
+    w0, h0 = int(round(pred.shape[1] * ds)), int(round(pred.shape[0] * ds))
+    report = read_qupath_geojson(args.edited, bounds_px=(w0, h0))
+    fixed = corrected_mask(report, classes, pred.shape, ds, _class_map(args.class_map))
+    result = compare_masks(pred, fixed, [c for c in classes if c.index != 0], (mpp * mpp) if mpp else None)
+    out = Path(args.out) if args.out else pred_path.with_name("corrected.tiff")
+    write_mask_tiff(out, fixed, mpp, colormap={c.index: c.color for c in classes},
+                    description=json.dumps({**meta, "edited": str(args.edited)}))
+    result.update({"import": report.summary(), "corrected_mask": str(out)})
+    _print(result, args.json)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bridge.fpl import export_fast_folder
+    from zoo.registry import load_registry
+
+    reg = load_registry(args.registry)
+    written = export_fast_folder(reg.get(args.model), reg, Path(args.dir), engine=args.engine)
+    for p in written:
+        print(p)
+    return 0
+
+
+def cmd_qupath_project(args: argparse.Namespace) -> int:
+    from bridge.qupath_project import create_project
+
+    path = create_project(Path(args.project), [Path(r) for r in args.results])
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            return cmd_list(args)
+        if args.cmd == "info":
+            return cmd_info(args)
+        if args.cmd == "verify":
+            return cmd_verify(args)
+        if args.cmd == "inspect":
+            return cmd_inspect(args)
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "demo":
+            args.model = None
+            return cmd_run(args, slides=[str(bundled_slide())])
+        if args.cmd == "convert":
+            return cmd_convert(args)
+        if args.cmd == "edits":
+            return cmd_edits(args)
+        if args.cmd == "export":
+            return cmd_export(args)
+        if args.cmd == "qupath-project":
+            return cmd_qupath_project(args)
+    except ZooError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""The model registry: typed, versioned entries in ``registry.yaml`` with pinned weights.
+
+Import cost is pydantic + yaml only (no onnxruntime, no side effects). Weights are
+resolved relative to the registry file (``models/...``), as ``file://`` paths, or
+``https://`` URLs fetched into a cache on first use, and always checked against
+their sha256 before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zoo.errors import ChecksumMismatchError, ModelNotFoundError, RegistryError, WeightsNotFoundError
+
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
+RGB = Annotated[tuple[int, int, int], Field(description="colour as (red, green, blue), 0-255")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassSpec(_Strict):
+    """One output class: its label value in masks, its name (QuPath classification) and colour."""
+
+    index: int = Field(ge=0, le=255)
+    name: str = Field(min_length=1)
+    color: RGB
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError(f"colour {v} has a channel outside 0-255")
+        return v
+
+
+class InputSpec(_Strict):
+    """What the network expects.
+
+    ``mode: tiled`` runs overlapping ``patch_size_px`` tiles at ``target_mpp`` (or a
+    pyramid level); ``mode: whole-slide`` resizes the whole slide to ``patch_size_px``.
+    Pixel values fed are ``(rgb * scale - mean) / std`` per channel.
+    """
+
+    mode: Literal["tiled", "whole-slide"] = "tiled"
+    patch_size_px: tuple[int, int] = Field(description="(width, height)")
+    overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the patch shared with a neighbour")
+    channels: int = Field(3, ge=1, le=4)
+    channel_order: Literal["RGB", "BGR", "grey"] = "RGB"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    input_name: str
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    target_mpp: float | None = Field(None, gt=0, description="µm per pixel the model runs at by default")
+    trained_mpp: list[float] = Field(default_factory=list, description="resolutions (µm/px) seen in training")
+    multiresolution: bool = False
+    batch_dynamic: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if self.mode == "tiled" and self.target_mpp is None:
+            raise ValueError("a tiled model needs target_mpp")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean/std need {self.channels} values, one per channel")
+        return self
+
+
+class OutputSpec(_Strict):
+    """What the network returns: per-class maps after ``activation``, thresholded at ``threshold``."""
+
+    output_name: str
+    activation: Literal["sigmoid", "softmax", "none"]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    channels: int = Field(1, ge=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is the class (sigmoid)")
+    already_activated: bool = Field(True, description="the ONNX graph ends with the activation")
+
+
+class WeightsSpec(_Strict):
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int | None = Field(None, gt=0)
+    format: Literal["onnx"] = "onnx"
+
+
+class TestSpec(_Strict):
+    """Bundled reproducibility check for ``zoo verify``."""
+
+    input: str = Field(description="npy file: one batch in the model's input layout, already normalised")
+    expected: str = Field(description="npy file: the model's output for it")
+    atol: float = Field(1e-4, gt=0)
+
+
+class ModelEntry(_Strict):
+    """One versioned model."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    version: str
+    task: Literal["tissue-segmentation", "semantic-segmentation", "patch-classification"]
+    summary: str
+    architecture: str
+    classes: list[ClassSpec] = Field(min_length=2)
+    input: InputSpec
+    output: OutputSpec
+    weights: WeightsSpec
+    licence: str
+    provenance: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    test: TestSpec | None = None
+    card: str | None = Field(None, description="model card (markdown), relative to the registry")
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, v: str) -> str:
+        if not SEMVER.match(v):
+            raise ValueError(f"version {v!r} is not semver (MAJOR.MINOR.PATCH)")
+        return v
+
+    @model_validator(mode="after")
+    def _classes(self) -> ModelEntry:
+        idx = [c.index for c in self.classes]
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"duplicate class index in {idx}")
+        return self
+
+    @property
+    def id(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def foreground(self) -> list[ClassSpec]:
+        """Classes other than index 0 (background)."""
+        return [c for c in self.classes if c.index != 0]
+
+
+class Registry(_Strict):
+    schema_version: Literal[1] = 1
+    default_model: str
+    models: list[ModelEntry]
+    path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Registry:
+        ids = [m.id for m in self.models]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate model ids {sorted(dup)}")
+        if self.default_model not in {m.name for m in self.models}:
+            raise ValueError(f"default_model {self.default_model!r} is not a model in the registry")
+        return self
+
+    @property
+    def root(self) -> Path:
+        """Folder that relative URIs are resolved against."""
+        return (self.path or default_registry_path()).parent
+
+    def names(self) -> list[str]:
+        return sorted({m.name for m in self.models})
+
+    def versions(self, name: str) -> list[str]:
+        return sorted((m.version for m in self.models if m.name == name), key=semver_key)
+
+    def get(self, spec: str | None = None) -> ModelEntry:
+        """Entry for ``name``, ``name@version`` or None (the default model, newest version)."""
+        spec = spec or self.default_model
+        name, _, version = spec.partition("@")
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.names())
+            raise ModelNotFoundError(f"model {name!r} is not in the registry; known models: {known} (see `zoo list`)")
+        version = version or versions[-1]
+        for m in self.models:
+            if m.name == name and m.version == version:
+                return m
+        raise ModelNotFoundError(
+            f"model {name!r} has no version {version!r}; available: {', '.join(versions)} (see `zoo info {name}`)"
+        )
+
+    def resolve(self, relative: str) -> Path:
+        """A registry-relative path (weights, test data, card) as an absolute path."""
+        return resolve_uri(relative, self.root)
+
+
+def semver_key(v: str) -> tuple[int, int, int, int, str]:
+    """Sort key: releases after their pre-releases."""
+    m = SEMVER.match(v)
+    if not m:
+        return (-1, -1, -1, -1, v)
+    pre = m.group(4)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3)), 0 if pre else 1, pre or "")
+
+
+def default_registry_path() -> Path:
+    """``$ZOO_REGISTRY``, else the registry shipped in the package, else the one beside it in a checkout."""
+    env = os.environ.get("ZOO_REGISTRY")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here / "registry.yaml", here.parent / "registry.yaml"):
+        if cand.exists():
+            return cand
+    return here / "registry.yaml"
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """Read and validate a registry file.
+
+    Raises:
+        RegistryError: the file is missing, not YAML, or an entry is malformed.
+    """
+    p = Path(path) if path else default_registry_path()
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise RegistryError(f"{p}: registry file not found; set ZOO_REGISTRY or pass --registry") from err
+    except yaml.YAMLError as err:
+        raise RegistryError(f"{p}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from err
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{p}: expected a mapping with 'default_model' and 'models'")
+    try:
+        return Registry(**raw, path=p)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        if where.startswith("models.") and isinstance(raw.get("models"), list):
+            i = int(first["loc"][1])
+            entry = raw["models"][i] if i < len(raw["models"]) else {}
+            who = f"{entry.get('name', '?')}@{entry.get('version', '?')}" if isinstance(entry, dict) else f"#{i}"
+            where = f"entry {who}: " + ".".join(str(x) for x in first["loc"][2:])
+        raise RegistryError(f"{p}: {where}: {first['msg']}; fix this field ({err.error_count()} error(s))") from err
+
+
+def resolve_uri(uri: str, root: Path) -> Path:
+    """Local path for a weights/test URI (relative to ``root``, ``file://`` or ``https://``)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        cache = Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "pathology-zoo"))
+        return cache / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(parsed.path).name
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    p = Path(uri)
+    return p if p.is_absolute() else root / p
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(url: str, dest: Path) -> None:
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:  # noqa: S310 (https only)
+            while block := r.read(1 << 20):
+                f.write(block)
+        tmp.replace(dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WeightsNotFoundError(f"{url}: download failed ({err}); check the network or use a local file:// URI") from err
+
+
+def verified_weights(entry: ModelEntry, registry: Registry) -> Path:
+    """Path to ``entry``'s weights after checking their sha256.
+
+    Raises:
+        WeightsNotFoundError: the file is missing (or cannot be downloaded).
+        ChecksumMismatchError: the file's sha256 is not the pinned one.
+    """
+    path = registry.resolve(entry.weights.uri)
+    if not path.exists() and urlparse(entry.weights.uri).scheme in ("http", "https"):
+        _download(entry.weights.uri, path)
+    if not path.exists():
+        raise WeightsNotFoundError(
+            f"{path}: weights of {entry.id} not found; reinstall the package or fix weights.uri in {registry.path}"
+        )
+    got = sha256_file(path)
+    if got != entry.weights.sha256:
+        raise ChecksumMismatchError(
+            f"{path}: sha256 {got[:16]}… does not match {entry.weights.sha256[:16]}… pinned for {entry.id}; "
+            "the file is corrupt or was replaced: restore the original weights, or register the new ones "
+            "as a new version"
+        )
+    return path

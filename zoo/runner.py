@@ -1,0 +1,351 @@
+"""Run a registered ONNX model over a slide, streaming, in bounded memory.
+
+The only module that imports onnxruntime. Steps: choose the level (and an extra
+integer downsampling) for the model's µm/px; a thumbnail pre-mask skips glass
+before any full-resolution read; overlapping tiles are read and normalised in a
+prefetch thread while ONNX Runtime runs batches; probabilities are averaged in
+the overlaps inside a band one tile high that slides down the slide, and rows
+that no later tile touches are thresholded into the label mask. Peak memory is the
+band plus the prefetch queue plus the uint8 label mask (on disk via memmap past
+``MEMMAP_THRESHOLD_BYTES``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from scipy import ndimage as ndi
+
+from zoo.errors import ModelInputError
+from zoo.registry import ModelEntry
+from zoo.slide import LevelChoice, Slide, choose_level, model_dimensions, read_scaled, thumbnail
+from zoo.tissue import reference_labels
+
+MEMMAP_THRESHOLD_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class RunOptions:
+    """How to run a model over a slide.
+
+    Attributes:
+        target_mpp: µm/px to run at (default: the model's ``input.target_mpp``).
+        level: force a pyramid level instead of ``target_mpp``.
+        slide_mpp: level-0 µm/px to assume when the slide has none.
+        batch_size: tiles per ONNX Runtime call.
+        providers: ONNX Runtime execution providers; None picks CUDA when present, then CPU.
+        threads: intra-op threads for the CPU provider (0: one per core).
+        skip_background: skip tiles whose footprint has no tissue in the thumbnail pre-mask.
+        prefetch_batches: batches read ahead of inference.
+        progress: show a progress bar on stderr.
+        scratch_dir: where a large label mask is memory-mapped (default: system temp).
+    """
+
+    target_mpp: float | None = None
+    level: int | None = None
+    slide_mpp: float | None = None
+    batch_size: int = 8
+    providers: list[str] | None = None
+    threads: int = 0
+    skip_background: bool = True
+    prefetch_batches: int = 4
+    progress: bool = True
+    scratch_dir: Path | None = None
+
+
+@dataclass
+class Prediction:
+    """A model's label mask for one slide.
+
+    Attributes:
+        mask: (height, width) uint8 class indices at ``downsample``.
+        downsample: level-0 pixels per mask pixel.
+        mpp: µm per mask pixel (None when the slide has no resolution and none was assumed).
+        choice: the level choice (tiled models).
+        stats: counts and timings.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    mpp: float | None
+    choice: LevelChoice | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def class_fractions(self) -> dict[int, float]:
+        """Fraction of mask pixels per class index."""
+        counts = np.bincount(np.asarray(self.mask).ravel(), minlength=256)
+        total = max(1, int(counts.sum()))
+        return {int(i): counts[i] / total for i in np.nonzero(counts)[0]}
+
+
+def default_providers() -> list[str]:
+    """CUDA (when this onnxruntime build and machine have it), then CPU."""
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+
+
+class OnnxModel:
+    """An ONNX Runtime session checked against a registry entry."""
+
+    def __init__(self, path: Path, entry: ModelEntry, providers: list[str] | None = None, threads: int = 0) -> None:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        self.entry = entry
+        self.path = path
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers or default_providers())
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelInputError(f"{path}: ONNX Runtime cannot load {entry.id} ({err}); re-export the model") from err
+        self.providers = self.session.get_providers()
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        spec_in, spec_out = entry.input, entry.output
+        if spec_in.input_name not in inputs:
+            raise ModelInputError(
+                f"{path}: {entry.id} has no input {spec_in.input_name!r} (it has {sorted(inputs)}); fix input.input_name"
+            )
+        if spec_out.output_name not in outputs:
+            raise ModelInputError(
+                f"{path}: {entry.id} has no output {spec_out.output_name!r} (it has {sorted(outputs)}); "
+                "fix output.output_name"
+            )
+        shape = inputs[spec_in.input_name].shape
+        w, h = spec_in.patch_size_px
+        expect = [None, spec_in.channels, h, w] if spec_in.layout == "NCHW" else [None, h, w, spec_in.channels]
+        for got, want in zip(shape[1:], expect[1:]):
+            if isinstance(got, int) and got != want:
+                raise ModelInputError(
+                    f"{path}: {entry.id} input shape {shape} does not match the registry's {spec_in.layout} "
+                    f"{expect}; fix input.patch_size_px/channels/layout"
+                )
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+
+    def preprocess(self, tiles: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 RGB to the network's input array."""
+        spec = self.entry.input
+        x = tiles.astype(np.float32)
+        if spec.channel_order == "BGR":
+            x = x[..., ::-1]
+        elif spec.channel_order == "grey":
+            x = x @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
+        x = (x * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+        if spec.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Network input batch to (N, C, H, W) float32 class probabilities."""
+        if self.fixed_batch and x.shape[0] != self.fixed_batch:
+            return np.concatenate([self.predict(x[i : i + 1]) for i in range(x.shape[0])])
+        y = self.session.run([self.entry.output.output_name], {self.entry.input.input_name: x})[0]
+        y = np.asarray(y, dtype=np.float32)
+        if self.entry.output.layout == "NHWC":
+            y = y.transpose(0, 3, 1, 2)
+        if not self.entry.output.already_activated:
+            if self.entry.output.activation == "sigmoid":
+                y = 1.0 / (1.0 + np.exp(-y))
+            elif self.entry.output.activation == "softmax":
+                e = np.exp(y - y.max(axis=1, keepdims=True))
+                y = e / e.sum(axis=1, keepdims=True)
+        return y
+
+
+def labels_from_probabilities(prob: np.ndarray, entry: ModelEntry) -> np.ndarray:
+    """(C, H, W) probabilities to (H, W) uint8 class indices of ``entry``'s classes."""
+    out = entry.output
+    if out.activation == "sigmoid" and prob.shape[0] == 1:
+        fg = entry.foreground[0].index
+        return np.where(prob[0] >= out.threshold, fg, 0).astype(np.uint8)
+    if out.activation == "sigmoid":
+        fg_idx = np.array([c.index for c in entry.foreground], np.uint8)
+        best = prob.argmax(axis=0)
+        return np.where(prob.max(axis=0) >= out.threshold, fg_idx[best], 0).astype(np.uint8)
+    idx = np.array([c.index for c in sorted(entry.classes, key=lambda c: c.index)], np.uint8)
+    return idx[prob.argmax(axis=0)]
+
+
+def _positions(length: int, patch: int, stride: int) -> list[int]:
+    if length <= patch:
+        return [0]
+    pos = list(range(0, length - patch + 1, stride))
+    if pos[-1] + patch < length:
+        pos.append(length - patch)
+    return pos
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tile", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def background_premask(slide: Slide, max_side_px: int = 1024) -> tuple[np.ndarray, float]:
+    """Permissive tissue pre-mask (dilated reference labels) and its downsample."""
+    thumb, ds = thumbnail(slide, max_side_px=max_side_px)
+    mask = reference_labels(thumb, min_object_px=4, max_hole_px=0)
+    return ndi.binary_dilation(mask, iterations=3), ds
+
+
+def _alloc_mask(shape: tuple[int, int], scratch: Path | None) -> np.ndarray:
+    if shape[0] * shape[1] <= MEMMAP_THRESHOLD_BYTES:
+        return np.zeros(shape, np.uint8)
+    fd, name = tempfile.mkstemp(suffix=".mask.npy", dir=scratch)
+    os.close(fd)
+    mm = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
+    os.unlink(name)  # the mapping keeps the data; nothing is left behind
+    return mm
+
+
+def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
+    """Overlapping-tile inference with overlap averaging; see the module docstring."""
+    entry = model.entry
+    spec = entry.input
+    choice = choose_level(
+        slide, target_mpp=opts.target_mpp or spec.target_mpp, level=opts.level, slide_mpp=opts.slide_mpp
+    )
+    width, height = model_dimensions(slide, choice)
+    pw, ph = spec.patch_size_px
+    sx, sy = max(1, int(round(pw * (1 - spec.overlap)))), max(1, int(round(ph * (1 - spec.overlap))))
+    xs, ys = _positions(width, pw, sx), _positions(height, ph, sy)
+    n_cls = entry.output.channels
+    t0 = time.perf_counter()
+
+    keep: np.ndarray | None = None
+    if opts.skip_background:
+        pre, pre_ds = background_premask(slide)
+        scale = choice.downsample / pre_ds  # premask pixels per model pixel
+        keep = np.zeros((len(ys), len(xs)), bool)
+        for j, y in enumerate(ys):
+            for i, x in enumerate(xs):
+                y0, x0 = int(y * scale), int(x * scale)
+                y1, x1 = int(math.ceil((y + ph) * scale)), int(math.ceil((x + pw) * scale))
+                keep[j, i] = bool(pre[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].any())
+    t_pre = time.perf_counter() - t0
+    jobs = [(j, i) for j in range(len(ys)) for i in range(len(xs)) if keep is None or keep[j, i]]
+
+    mask = _alloc_mask((height, width), opts.scratch_dir)
+    acc = np.zeros((n_cls, ph, width + pw), np.float32)  # band: rows [band_y, band_y + ph)
+    cnt = np.zeros((ph, width + pw), np.float32)
+    band_y = 0
+
+    def flush(until_y: int) -> None:
+        """Finalise mask rows [band_y, until_y) and slide the band down (at most one band per step)."""
+        nonlocal band_y
+        until_y = min(until_y, height)
+        while band_y < until_y:
+            n = min(until_y - band_y, ph)
+            c = cnt[:n, :width]
+            prob = acc[:, :n, :width] / np.maximum(c, 1e-6)
+            lab = labels_from_probabilities(prob, entry)
+            lab[c == 0] = 0  # never inferred (background skipped): glass
+            mask[band_y : band_y + n] = lab
+            acc[:, : ph - n] = acc[:, n:].copy()
+            acc[:, ph - n :] = 0
+            cnt[: ph - n] = cnt[n:].copy()
+            cnt[ph - n :] = 0
+            band_y += n
+
+    bs = max(1, opts.batch_size)
+    batches = [jobs[k : k + bs] for k in range(0, len(jobs), bs)]
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.prefetch_batches))
+    stop = threading.Event()
+    read_s = [0.0]
+
+    def producer() -> None:
+        try:
+            for b in batches:
+                if stop.is_set():
+                    return
+                tr = time.perf_counter()
+                tiles = np.stack([read_scaled(slide, choice, xs[i], ys[j], pw, ph) for j, i in b])
+                x = model.preprocess(tiles)
+                read_s[0] += time.perf_counter() - tr
+                q.put((b, x))
+            q.put(None)
+        except BaseException as err:  # hand any reader error to the consumer
+            q.put(err)
+
+    th = threading.Thread(target=producer, name="tile-reader", daemon=True)
+    th.start()
+    infer_s = 0.0
+    bar = _progress(len(jobs), slide.path.name, opts.progress)
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            b, x = item
+            ti = time.perf_counter()
+            y = model.predict(x)
+            infer_s += time.perf_counter() - ti
+            for (j, i), prob in zip(b, y):
+                ty, tx = ys[j], xs[i]
+                if ty > band_y:
+                    flush(ty)
+                r = ty - band_y
+                acc[:, r : r + ph, tx : tx + pw] += prob
+                cnt[r : r + ph, tx : tx + pw] += 1
+            bar.update(len(b))
+        flush(height)
+    finally:
+        stop.set()
+        bar.close()
+        while th.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(timeout=0.05)
+    elapsed = time.perf_counter() - t0
+    stats = {
+        "tiles_total": len(xs) * len(ys),
+        "tiles_run": len(jobs),
+        "tile_px": [pw, ph],
+        "stride_px": [sx, sy],
+        "model_dimensions_px": [width, height],
+        "seconds_total": round(elapsed, 3),
+        "seconds_premask": round(t_pre, 3),
+        "seconds_read_in_thread": round(read_s[0], 3),
+        "seconds_inference": round(infer_s, 3),
+    }
+    return Prediction(mask, choice.downsample, choice.mpp, choice, stats)
+
+
+def run_whole_slide(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
+    """Whole-slide models: the slide's thumbnail resized to the input size, one call."""
+    entry = model.entry
+    t0 = time.perf_counter()
+    thumb, ds = thumbnail(slide, max_side_px=2048)
+    pw, ph = entry.input.patch_size_px
+    small = np.asarray(Image.fromarray(thumb).resize((pw, ph), Image.Resampling.BILINEAR))
+    prob = model.predict(model.preprocess(small[None]))[0]
+    th, tw = thumb.shape[:2]
+    up = np.stack([np.asarray(Image.fromarray(p).resize((tw, th), Image.Resampling.BILINEAR)) for p in prob])
+    mask = labels_from_probabilities(up, entry)
+    mpp0 = opts.slide_mpp or slide.mpp
+    stats = {"tiles_total": 1, "tiles_run": 1, "model_dimensions_px": [tw, th], "seconds_total": round(time.perf_counter() - t0, 3)}
+    return Prediction(mask, ds, None if mpp0 is None else mpp0 * ds, None, stats)
+
+
+def predict_slide(slide: Slide, model: OnnxModel, opts: RunOptions | None = None) -> Prediction:
+    """Run ``model`` on ``slide`` according to its registry entry's input mode."""
+    opts = opts or RunOptions()
+    if model.entry.input.mode == "whole-slide":
+        return run_whole_slide(slide, model, opts)
+    return run_tiled(slide, model, opts)
