@@ -110,8 +110,10 @@ def parse_fpl(text: str, source: str = "<fpl>") -> Pipeline:
                 raise FplError(f"{source}:{lineno}: expected `Input <port> <object> [<port>]`, got {line!r}")
             current.inputs.append((int(toks[0]), toks[1], int(toks[2]) if len(toks) == 3 else 0))
         else:
-            raise FplError(f"{source}:{lineno}: unknown keyword {keyword!r}; expected one of "
-                           f"PipelineName, PipelineDescription, {', '.join(BLOCK_KINDS)}, Attribute, Input")
+            raise FplError(
+                f"{source}:{lineno}: unknown keyword {keyword!r}; expected one of "
+                f"PipelineName, PipelineDescription, {', '.join(BLOCK_KINDS)}, Attribute, Input"
+            )
     return pipe
 
 
@@ -166,8 +168,10 @@ def check_exportable(entry: ModelEntry) -> None:
             "scale-factor/mean/std; fold the normalisation into the ONNX graph and register scale only"
         )
     if not re.fullmatch(r"[A-Za-z0-9_.:/-]+", spec.input_name + entry.output.output_name):
-        raise FplError(f"{entry.id}: node names {spec.input_name!r}/{entry.output.output_name!r} contain characters "
-                       "FAST's attribute syntax cannot hold; rename the ONNX nodes")
+        raise FplError(
+            f"{entry.id}: node names {spec.input_name!r}/{entry.output.output_name!r} contain characters "
+            "FAST's attribute syntax cannot hold; rename the ONNX nodes"
+        )
     if entry.output.activation == "none":
         raise FplError(f"{entry.id}: FAST needs probabilities; export the model with its sigmoid/softmax")
 
@@ -177,8 +181,9 @@ def _magnification(mpp: float) -> float:
     return round(10.0 / mpp, 4)
 
 
-def render_pipeline(entry: ModelEntry, variant: str = "fastpathology", engine: str = "ONNXRuntime",
-                    model_path: str | None = None) -> Pipeline:
+def render_pipeline(
+    entry: ModelEntry, variant: str = "fastpathology", engine: str = "ONNXRuntime", model_path: str | None = None
+) -> Pipeline:
     """A FAST pipeline that runs ``entry`` as the runner does.
 
     Args:
@@ -194,9 +199,17 @@ def render_pipeline(entry: ModelEntry, variant: str = "fastpathology", engine: s
     blocks: list[Block] = []
     if variant == "fastpathology":
         blocks.append(Block("PipelineInputData", "WSI", ["Whole-slide image"]))
-    blocks.append(Block("PipelineOutputData", "segmentation", ["stitcher" if spec.mode == "tiled" else "network", "0"],
-                        [("classes", _quote(";".join(c.name for c in sorted(entry.classes, key=lambda c: c.index))))]))
-    if variant == "export":
+    if variant == "fastpathology":
+        classes = _quote(";".join(c.name for c in sorted(entry.classes, key=lambda c: c.index)))
+        blocks.append(
+            Block(
+                "PipelineOutputData",
+                "segmentation",
+                ["stitcher" if spec.mode == "tiled" else "network", "0"],
+                [("classes", classes)],
+            )
+        )
+    else:
         blocks.append(Block("ProcessObject", "WSI", ["WholeSlideImageImporter"], [("filename", "@@wsi@@")]))
     net_attrs = [
         ("model", model_attr),
@@ -213,16 +226,26 @@ def render_pipeline(entry: ModelEntry, variant: str = "fastpathology", engine: s
         w, h = spec.patch_size_px
         blocks += [
             Block("ProcessObject", "tissueSeg", ["TissueSegmentation"], inputs=[(0, "WSI", 0)]),
-            Block("ProcessObject", "patch", ["PatchGenerator"], [
-                ("patch-size", f"{w} {h}"),
-                ("patch-magnification", repr(_magnification(spec.target_mpp))),
-                ("patch-overlap", repr(spec.overlap)),
-                ("mask-threshold", "0.02"),
-            ], [(0, "WSI", 0), (1, "tissueSeg", 0)]),
+            Block(
+                "ProcessObject",
+                "patch",
+                ["PatchGenerator"],
+                [
+                    ("patch-size", f"{w} {h}"),
+                    ("patch-magnification", repr(_magnification(spec.target_mpp))),
+                    ("patch-overlap", repr(spec.overlap)),
+                    ("mask-threshold", "0.02"),
+                ],
+                [(0, "WSI", 0), (1, "tissueSeg", 0)],
+            ),
             Block("ProcessObject", "network", ["SegmentationNetwork"], net_attrs, [(0, "patch", 0)]),
             Block("ProcessObject", "stitcher", ["PatchStitcher"], inputs=[(0, "network", 0)]),
         ]
         result = "stitcher"
+        if variant == "export":
+            # Headless: wait for the last patch, then export once (FAST streams patches otherwise).
+            blocks.append(Block("ProcessObject", "finish", ["RunUntilFinished"], inputs=[(0, "stitcher", 0)]))
+            result = "finish"
     else:
         blocks += [
             Block("ProcessObject", "lowRes", ["ImagePyramidLevelExtractor"], [("level", "-1")], [(0, "WSI", 0)]),
@@ -231,16 +254,18 @@ def render_pipeline(entry: ModelEntry, variant: str = "fastpathology", engine: s
         result = "network"
     if variant == "export":
         exporter = "TIFFImagePyramidExporter" if spec.mode == "tiled" else "ImageFileExporter"
-        attrs = [("filename", "@@output@@")]
-        if spec.mode == "tiled":
-            attrs.append(("execute-on-last-frame-only", "true"))
-        blocks.append(Block("ProcessObject", "exporter", [exporter], attrs, [(0, result, 0)]))
+        blocks.append(Block("ProcessObject", "exporter", [exporter], [("filename", "@@output@@")], [(0, result, 0)]))
     else:
         colours = " ".join(f'"{c.index}" "{_hex(c.color)}"' for c in labels)
         blocks += [
             Block("Renderer", "imgRenderer", ["ImagePyramidRenderer"], inputs=[(0, "WSI", 0)]),
-            Block("Renderer", "segRenderer", ["SegmentationRenderer"],
-                  [("opacity", "0.4"), ("border-opacity", "0.8"), ("label-colors", colours)], [(0, result, 0)]),
+            Block(
+                "Renderer",
+                "segRenderer",
+                ["SegmentationRenderer"],
+                [("opacity", "0.4"), ("border-opacity", "0.8"), ("label-colors", colours)],
+                [(0, result, 0)],
+            ),
         ]
     name = f"{entry.name} {entry.version}" + (" (export)" if variant == "export" else "")
     return Pipeline(name, entry.summary, blocks)
@@ -304,3 +329,17 @@ def model_config_txt(entry: ModelEntry, engine: str = "ONNXRuntime") -> str:
         "IE": engine,
     }
     return "\n".join(f"{k}:{v}" for k, v in rows.items()) + "\n"
+
+
+def repo_pipeline_files(entry: ModelEntry, engine: str = "ONNXRuntime") -> dict[str, str]:
+    """The ``pipelines/`` files kept for ``entry``: file name -> text.
+
+    Model paths are ``$CURRENT_PATH$/../<weights.uri>``, which resolves both in a
+    checkout (``pipelines/`` beside ``models/``) and in the installed package
+    (``zoo/pipelines`` beside ``zoo/models``).
+    """
+    model_path = f"$CURRENT_PATH$/../{entry.weights.uri}"
+    return {
+        f"{entry.name}.fpl": write_fpl(render_pipeline(entry, "fastpathology", engine, model_path)),
+        f"{entry.name}_export.fpl": write_fpl(render_pipeline(entry, "export", engine, model_path)),
+    }

@@ -62,8 +62,9 @@ def mask_to_polygons(
     Returns:
         label value -> list of valid Polygons (never self-intersecting; slivers dropped).
     """
-    m = np.ascontiguousarray(mask).astype(np.uint8 if mask.max(initial=0) < 256 else np.int32)
-    sel = (m == value) if value is not None else (m > 0)
+    arr = np.asarray(mask)
+    m = np.ascontiguousarray(arr).astype(np.uint8 if int(arr.max(initial=0)) < 256 else np.int32)
+    sel = np.equal(m, value) if value is not None else np.greater(m, 0)
     out: dict[int, list[Polygon]] = {}
     transform = Affine.scale(downsample)
     for geom, val in rfeatures.shapes(m, mask=sel, connectivity=8, transform=transform):
@@ -221,7 +222,15 @@ def _features_of(doc: Any, source: str) -> list[Any]:
             return list(doc.get("features") or [])
         if t == "Feature":
             return [doc]
-        if t in ("Polygon", "MultiPolygon", "GeometryCollection", "Point", "LineString", "MultiPoint", "MultiLineString"):
+        if t in (
+            "Polygon",
+            "MultiPolygon",
+            "GeometryCollection",
+            "Point",
+            "LineString",
+            "MultiPoint",
+            "MultiLineString",
+        ):
             return [{"type": "Feature", "geometry": doc, "properties": {}}]
     raise GeoJSONError(
         f"{source}: not GeoJSON annotations (expected a FeatureCollection, a Feature or a QuPath 0.2 array); "
@@ -229,9 +238,7 @@ def _features_of(doc: Any, source: str) -> list[Any]:
     )
 
 
-def parse_qupath_geojson(
-    doc: Any, source: str = "<geojson>", bounds_px: tuple[int, int] | None = None
-) -> ImportReport:
+def parse_qupath_geojson(doc: Any, source: str = "<geojson>", bounds_px: tuple[int, int] | None = None) -> ImportReport:
     """Read annotations from any QuPath GeoJSON export style.
 
     Invalid polygons are repaired (``make_valid``); features with non-areal geometry,
@@ -276,7 +283,7 @@ def parse_qupath_geojson(
             color = tuple(int(c) for c in cls["color"][:3])  # type: ignore[assignment]
         elif isinstance(cls, dict) and isinstance(cls.get("colorRGB"), int):
             color = argb_to_rgb(cls["colorRGB"])
-        obj = props.get("objectType") or ("annotation" if feat.get("id") == "PathAnnotationObject" else "annotation")
+        obj = props.get("objectType") or "annotation"  # 0.2 exports: "id": "PathAnnotationObject"
         if feat.get("id") == "PathDetectionObject":
             obj = "detection"
         report.annotations.append(Annotation(geom, name, color, str(obj), dict(props)))

@@ -32,25 +32,49 @@ def _print(obj: Any, as_json: bool) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out", help="results folder (one sub-folder per slide)")
-    p.add_argument("--format", dest="formats", nargs="+", choices=["tiff", "geojson"], default=["tiff", "geojson"],
-                   help="outputs to write")
+    p.add_argument(
+        "--format",
+        dest="formats",
+        nargs="+",
+        choices=["tiff", "geojson"],
+        default=["tiff", "geojson"],
+        help="outputs to write",
+    )
     p.add_argument("--mpp", type=float, default=None, help="run at this µm/px (default: the model's target_mpp)")
     p.add_argument("--level", type=int, default=None, help="run on this pyramid level instead of --mpp")
-    p.add_argument("--slide-mpp", type=float, default=None,
-                   help="level-0 µm/px to assume for slides without resolution metadata (default: from objective, else 0.5)")
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="level-0 µm/px to assume for slides without resolution metadata (default: from objective, else 0.5)",
+    )
     p.add_argument("--backend", choices=["auto", "openslide", "tifffile"], default="auto", help="slide reader")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per ONNX Runtime call")
-    p.add_argument("--providers", nargs="+", default=None,
-                   help="ONNX Runtime execution providers (default: CUDA if available, then CPU)")
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help="ONNX Runtime execution providers (default: CUDA if available, then CPU)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0: one per core)")
-    p.add_argument("--no-skip-background", dest="skip_background", action="store_false",
-                   help="run every tile, also those the thumbnail pre-mask calls glass")
+    p.add_argument(
+        "--no-skip-background",
+        dest="skip_background",
+        action="store_false",
+        help="run every tile, also those the thumbnail pre-mask calls glass",
+    )
     p.add_argument("--simplify-um", type=float, default=2.0, help="polygon simplification tolerance in µm")
     p.add_argument("--min-area-um2", type=float, default=500.0, help="drop objects smaller than this (µm²)")
-    p.add_argument("--object-type", choices=["annotation", "detection"], default="annotation",
-                   help="QuPath object type of the GeoJSON features")
+    p.add_argument(
+        "--object-type",
+        choices=["annotation", "detection"],
+        default="annotation",
+        help="QuPath object type of the GeoJSON features",
+    )
     p.add_argument("--force", action="store_true", help="re-run slides that already have results for this model")
-    p.add_argument("--workers", type=int, default=0, help="run slides on a local Dask cluster of N processes (0: no Dask)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="run slides on a local Dask cluster of N processes (0: no Dask)"
+    )
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print per-slide results as JSON on stdout")
@@ -58,8 +82,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    ap = argparse.ArgumentParser(prog="zoo", description="Pathology model zoo: run registered WSI segmentation models "
-                                 "and bridge their results to QuPath and FastPathology.", epilog=EPILOG, formatter_class=fmt)
+    ap = argparse.ArgumentParser(
+        prog="zoo",
+        description="Pathology model zoo: run registered WSI segmentation models "
+        "and bridge their results to QuPath and FastPathology.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
     ap.add_argument("--registry", default=None, help="registry.yaml to use (default: $ZOO_REGISTRY or the bundled one)")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -70,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="NAME or NAME@VERSION")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("verify", help="check weights' sha256 and reproduce each model's bundled test output",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "verify", help="check weights' sha256 and reproduce each model's bundled test output", formatter_class=fmt
+    )
     p.add_argument("model", nargs="?", default=None, help="NAME[@VERSION] (default: every model)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -92,34 +122,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="mask.tiff written by `zoo run`, or a QuPath GeoJSON file")
     p.add_argument("--to", choices=["geojson", "tiff"], required=True, help="output format")
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--like", default=None, help="(GeoJSON to TIFF) a mask.tiff whose size, resolution and classes to use")
-    p.add_argument("--model", default=None, help="classes from this model (default: the mask's, else the default model)")
+    p.add_argument(
+        "--like", default=None, help="(GeoJSON to TIFF) a mask.tiff whose size, resolution and classes to use"
+    )
+    p.add_argument(
+        "--model", default=None, help="classes from this model (default: the mask's, else the default model)"
+    )
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 µm/px if the mask has none")
     p.add_argument("--simplify-um", type=float, default=2.0, help="polygon simplification tolerance in µm")
     p.add_argument("--min-area-um2", type=float, default=500.0, help="drop objects smaller than this (µm²)")
-    p.add_argument("--object-type", choices=["annotation", "detection"], default="annotation", help="QuPath object type")
-    p.add_argument("--class-map", nargs="*", default=[], metavar="NAME=CLASS",
-                   help="map annotation class names onto model classes")
+    p.add_argument(
+        "--object-type", choices=["annotation", "detection"], default="annotation", help="QuPath object type"
+    )
+    p.add_argument(
+        "--class-map", nargs="*", default=[], metavar="NAME=CLASS", help="map annotation class names onto model classes"
+    )
 
-    p = sub.add_parser("edits", help="compare a prediction with a pathologist's edited GeoJSON; write the corrected mask",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "edits",
+        help="compare a prediction with a pathologist's edited GeoJSON; write the corrected mask",
+        formatter_class=fmt,
+    )
     p.add_argument("prediction", help="mask.tiff from `zoo run` (or its results folder)")
     p.add_argument("edited", help="GeoJSON exported from QuPath after editing")
     p.add_argument("--out", default=None, help="corrected mask TIFF (default: beside the prediction, corrected.tiff)")
-    p.add_argument("--class-map", nargs="*", default=[], metavar="NAME=CLASS",
-                   help="map edited class names onto model classes, e.g. Region*=Tissue")
+    p.add_argument(
+        "--class-map",
+        nargs="*",
+        default=[],
+        metavar="NAME=CLASS",
+        help="map edited class names onto model classes, e.g. Region*=Tissue",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("export", help="export a model for another tool", formatter_class=fmt)
     esub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
-    f = esub.add_parser("fast", help="FastPathology folder: pipelines/<name>.fpl + models/<name>.onnx", formatter_class=fmt)
+    f = esub.add_parser(
+        "fast", help="FastPathology folder: pipelines/<name>.fpl + models/<name>.onnx", formatter_class=fmt
+    )
     f.add_argument("model", help="NAME or NAME@VERSION")
     f.add_argument("dir", help="output folder")
-    f.add_argument("--engine", choices=["ONNXRuntime", "OpenVINO", "TensorRT"], default="ONNXRuntime",
-                   help="FAST inference engine")
+    f.add_argument(
+        "--engine", choices=["ONNXRuntime", "OpenVINO", "TensorRT"], default="ONNXRuntime", help="FAST inference engine"
+    )
+    f = esub.add_parser(
+        "pipelines", help="(re)write the kept FAST pipelines of every registered model", formatter_class=fmt
+    )
+    f.add_argument("--dir", default=None, help="pipelines folder (default: beside the registry)")
 
-    p = sub.add_parser("qupath-project", help="create a QuPath project with slides and their predictions (needs paquo)",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "qupath-project",
+        help="create a QuPath project with slides and their predictions (needs paquo)",
+        formatter_class=fmt,
+    )
     p.add_argument("project", help="project folder to create")
     p.add_argument("results", nargs="+", help="results folders written by `zoo run`")
     return ap
@@ -140,8 +195,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     reg = load_registry(args.registry)
     rows = [
-        {"id": m.id, "task": m.task, "default": m.name == reg.default_model, "licence": m.licence,
-         "summary": m.summary}
+        {"id": m.id, "task": m.task, "default": m.name == reg.default_model, "licence": m.licence, "summary": m.summary}
         for m in reg.models
     ]
     if args.json:
@@ -165,8 +219,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from zoo.verify import verify_model
     from zoo.registry import load_registry
+    from zoo.verify import verify_model
 
     reg = load_registry(args.registry)
     entries = [reg.get(args.model)] if args.model else reg.models
@@ -205,11 +259,23 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         print(f"error: no slides found in {args.slides}; pass slide files, a folder or a quoted glob", file=sys.stderr)
         return 1
     cfg = JobConfig(
-        model=entry.id, registry_path=args.registry, out_dir=args.out, formats=tuple(args.formats),
-        backend=args.backend, target_mpp=args.mpp, level=args.level, slide_mpp=args.slide_mpp,
-        batch_size=args.batch_size, providers=args.providers, threads=args.threads,
-        skip_background=args.skip_background, progress=args.progress and sys.stderr.isatty(),
-        simplify_um=args.simplify_um, min_area_um2=args.min_area_um2, object_type=args.object_type, force=args.force,
+        model=entry.id,
+        registry_path=args.registry,
+        out_dir=args.out,
+        formats=tuple(args.formats),
+        backend=args.backend,
+        target_mpp=args.mpp,
+        level=args.level,
+        slide_mpp=args.slide_mpp,
+        batch_size=args.batch_size,
+        providers=args.providers,
+        threads=args.threads,
+        skip_background=args.skip_background,
+        progress=args.progress and sys.stderr.isatty(),
+        simplify_um=args.simplify_um,
+        min_area_um2=args.min_area_um2,
+        object_type=args.object_type,
+        force=args.force,
     )
     if args.workers or args.scheduler:
         results = run_many_dask(paths, cfg, scheduler=args.scheduler, workers=max(1, args.workers))
@@ -221,8 +287,11 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         if r.status == "failed":
             print(f"error: {r.error}", file=sys.stderr)
         elif not args.json:
-            tissue = {k: v["area_mm2"] if v["area_mm2"] is not None else f"{v['fraction']:.1%}"
-                      for k, v in r.summary.get("classes", {}).items() if k.lower() != "background"}
+            tissue = {
+                k: v["area_mm2"] if v["area_mm2"] is not None else f"{v['fraction']:.1%}"
+                for k, v in r.summary.get("classes", {}).items()
+                if k.lower() != "background"
+            }
             print(f"{r.status}: {r.slide} -> {r.out} {tissue if r.status == 'ok' else r.summary.get('reason', '')}")
     failed = sum(r.status == "failed" for r in results)
     if failed and len(results) > 1:
@@ -231,8 +300,8 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bridge.geojson import ClassStyle, mask_to_feature_collection, read_qupath_geojson
     from bridge.edits import corrected_mask
+    from bridge.geojson import mask_to_feature_collection, read_qupath_geojson
     from zoo.outputs import read_mask_tiff, write_json, write_mask_tiff
     from zoo.registry import load_registry
 
@@ -242,23 +311,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
         classes = _classes(meta, args, load_registry)
         ds = float(meta.get("downsample", 1.0))
         mpp0 = (mpp / ds) if mpp else args.slide_mpp
-        fc = mask_to_feature_collection(mask, [c for c in classes if c.index != 0], ds, mpp0, args.simplify_um,
-                                        args.min_area_um2, args.object_type)
+        fc = mask_to_feature_collection(
+            mask, [c for c in classes if c.index != 0], ds, mpp0, args.simplify_um, args.min_area_um2, args.object_type
+        )
         write_json(Path(args.out), fc)
         print(f"{args.out}: {len(fc['features'])} features")
         return 0
     if not args.like:
-        print("error: --to tiff needs --like MASK.tiff (the size, resolution and classes to rasterise onto)",
-              file=sys.stderr)
+        print(
+            "error: --to tiff needs --like MASK.tiff (the size, resolution and classes to rasterise onto)",
+            file=sys.stderr,
+        )
         return 2
     like, mpp, meta = read_mask_tiff(Path(args.like))
     classes = _classes(meta, args, load_registry)
     ds = float(meta.get("downsample", 1.0))
-    w0, h0 = int(round(like.shape[1] * ds)), int(round(like.shape[0] * ds))
+    w0, h0 = round(like.shape[1] * ds), round(like.shape[0] * ds)
     report = read_qupath_geojson(src, bounds_px=(w0, h0))
     out = corrected_mask(report, classes, like.shape, ds, _class_map(args.class_map))
-    write_mask_tiff(Path(args.out), out, mpp, colormap={c.index: c.color for c in classes},
-                    description=json.dumps({**meta, "source": str(src)}))
+    write_mask_tiff(
+        Path(args.out),
+        out,
+        mpp,
+        colormap={c.index: c.color for c in classes},
+        description=json.dumps({**meta, "source": str(src)}),
+    )
     print(json.dumps(report.summary()))
     return 0
 
@@ -286,23 +363,36 @@ def cmd_edits(args: argparse.Namespace) -> int:
         return 1
     classes = [ClassStyle(int(c["index"]), c["name"], tuple(c["color"])) for c in meta["classes"]]
     ds = float(meta.get("downsample", 1.0))
-    w0, h0 = int(round(pred.shape[1] * ds)), int(round(pred.shape[0] * ds))
+    w0, h0 = round(pred.shape[1] * ds), round(pred.shape[0] * ds)
     report = read_qupath_geojson(args.edited, bounds_px=(w0, h0))
     fixed = corrected_mask(report, classes, pred.shape, ds, _class_map(args.class_map))
     result = compare_masks(pred, fixed, [c for c in classes if c.index != 0], (mpp * mpp) if mpp else None)
     out = Path(args.out) if args.out else pred_path.with_name("corrected.tiff")
-    write_mask_tiff(out, fixed, mpp, colormap={c.index: c.color for c in classes},
-                    description=json.dumps({**meta, "edited": str(args.edited)}))
+    write_mask_tiff(
+        out,
+        fixed,
+        mpp,
+        colormap={c.index: c.color for c in classes},
+        description=json.dumps({**meta, "edited": str(args.edited)}),
+    )
     result.update({"import": report.summary(), "corrected_mask": str(out)})
     _print(result, args.json)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bridge.fpl import export_fast_folder
+    from bridge.fpl import export_fast_folder, repo_pipeline_files
     from zoo.registry import load_registry
 
     reg = load_registry(args.registry)
+    if args.target == "pipelines":
+        folder = Path(args.dir) if args.dir else reg.root / "pipelines"
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in reg.models:
+            for name, text in repo_pipeline_files(entry).items():
+                (folder / name).write_text(text, encoding="utf-8")
+                print(folder / name)
+        return 0
     written = export_fast_folder(reg.get(args.model), reg, Path(args.dir), engine=args.engine)
     for p in written:
         print(p)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import __version__
-from zoo.errors import OutputError, SlideOpenError, ZooError
+from zoo.errors import OutputError, ZooError
 from zoo.registry import ModelEntry, Registry, load_registry, verified_weights
 from zoo.slide import open_slide
 
@@ -160,7 +160,9 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
         tmp_parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=tmp_parent))
     except OSError as err:
-        raise OutputError(f"{tmp_parent}: cannot write results here ({err.strerror}); choose a writable --out folder") from err
+        raise OutputError(
+            f"{tmp_parent}: cannot write results here ({err.strerror}); choose a writable --out folder"
+        ) from err
     try:
         outputs: dict[str, str] = {}
         meta = {
@@ -198,7 +200,12 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
             "command": sys.argv,
             "arguments": asdict(cfg),
             "versions": versions(),
-            "model": {"id": entry.id, "sha256": entry.weights.sha256, "weights": str(weights), "licence": entry.licence},
+            "model": {
+                "id": entry.id,
+                "sha256": entry.weights.sha256,
+                "weights": str(weights),
+                "licence": entry.licence,
+            },
             "providers": model.providers,
             "slide": slide_info,
             "resolution": {

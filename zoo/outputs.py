@@ -120,7 +120,7 @@ def read_mask_tiff(path: Path) -> tuple[np.ndarray, float | None, dict[str, Any]
         with tifffile.TiffFile(path) as tif:
             arr = tif.pages[0].asarray()
             mpp, _ = tiff_resolution(tif)
-            desc = tif.pages[0].description or ""
+            desc = getattr(tif.pages[0], "description", "") or ""
     except (OSError, tifffile.TiffFileError, ValueError) as err:
         raise OutputError(f"{path}: not a readable mask TIFF ({err}); pass a mask written by `zoo run`") from err
     if arr.ndim != 2:

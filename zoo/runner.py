@@ -117,7 +117,8 @@ class OnnxModel:
         spec_in, spec_out = entry.input, entry.output
         if spec_in.input_name not in inputs:
             raise ModelInputError(
-                f"{path}: {entry.id} has no input {spec_in.input_name!r} (it has {sorted(inputs)}); fix input.input_name"
+                f"{path}: {entry.id} has no input {spec_in.input_name!r} (it has {sorted(inputs)}); "
+                "fix input.input_name"
             )
         if spec_out.output_name not in outputs:
             raise ModelInputError(
@@ -138,7 +139,7 @@ class OnnxModel:
     def preprocess(self, tiles: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB to the network's input array."""
         spec = self.entry.input
-        x = tiles.astype(np.float32)
+        x: np.ndarray = tiles.astype(np.float32)
         if spec.channel_order == "BGR":
             x = x[..., ::-1]
         elif spec.channel_order == "grey":
@@ -220,7 +221,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
     )
     width, height = model_dimensions(slide, choice)
     pw, ph = spec.patch_size_px
-    sx, sy = max(1, int(round(pw * (1 - spec.overlap)))), max(1, int(round(ph * (1 - spec.overlap))))
+    sx, sy = max(1, round(pw * (1 - spec.overlap))), max(1, round(ph * (1 - spec.overlap)))
     xs, ys = _positions(width, pw, sx), _positions(height, ph, sy)
     n_cls = entry.output.channels
     t0 = time.perf_counter()
@@ -233,7 +234,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         for j, y in enumerate(ys):
             for i, x in enumerate(xs):
                 y0, x0 = int(y * scale), int(x * scale)
-                y1, x1 = int(math.ceil((y + ph) * scale)), int(math.ceil((x + pw) * scale))
+                y1, x1 = math.ceil((y + ph) * scale), math.ceil((x + pw) * scale)
                 keep[j, i] = bool(pre[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].any())
     t_pre = time.perf_counter() - t0
     jobs = [(j, i) for j in range(len(ys)) for i in range(len(xs)) if keep is None or keep[j, i]]
@@ -291,11 +292,11 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
                 break
             if isinstance(item, BaseException):
                 raise item
-            b, x = item
+            b, batch_in = item
             ti = time.perf_counter()
-            y = model.predict(x)
+            probs = model.predict(batch_in)
             infer_s += time.perf_counter() - ti
-            for (j, i), prob in zip(b, y):
+            for (j, i), prob in zip(b, probs):
                 ty, tx = ys[j], xs[i]
                 if ty > band_y:
                     flush(ty)
@@ -339,7 +340,12 @@ def run_whole_slide(slide: Slide, model: OnnxModel, opts: RunOptions) -> Predict
     up = np.stack([np.asarray(Image.fromarray(p).resize((tw, th), Image.Resampling.BILINEAR)) for p in prob])
     mask = labels_from_probabilities(up, entry)
     mpp0 = opts.slide_mpp or slide.mpp
-    stats = {"tiles_total": 1, "tiles_run": 1, "model_dimensions_px": [tw, th], "seconds_total": round(time.perf_counter() - t0, 3)}
+    stats = {
+        "tiles_total": 1,
+        "tiles_run": 1,
+        "model_dimensions_px": [tw, th],
+        "seconds_total": round(time.perf_counter() - t0, 3),
+    }
     return Prediction(mask, ds, None if mpp0 is None else mpp0 * ds, None, stats)
 
 

@@ -160,14 +160,16 @@ class TiffSlide(Slide):
                     if s.axes == base.axes and s.shape[-1] == base.shape[-1] and s.shape[0] < base.shape[0]:
                         level_series.append((i, 0))
             self._axes = base.axes
-            self._arrays = []
+            self._arrays: list[Any] = []
             dims = []
             for s_idx, lvl in level_series:
-                arr = zarr.open(self._tif.series[s_idx].aszarr(level=lvl), mode="r")
+                arr: Any = zarr.open(self._tif.series[s_idx].aszarr(level=lvl), mode="r")
                 self._arrays.append(arr)
                 dims.append(self._wh(arr.shape, self._axes))
         except (tifffile.TiffFileError, ValueError, OSError, KeyError) as err:
-            e = SlideOpenError(f"{path}: tifffile cannot read this file ({err}); check that it is a complete TIFF/SVS slide")
+            e = SlideOpenError(
+                f"{path}: tifffile cannot read this file ({err}); check that it is a complete TIFF/SVS slide"
+            )
             e.reason = str(err)
             raise e from err
         if self._axes not in ("YXS", "YX", "CYX", "SYX"):
@@ -187,13 +189,13 @@ class TiffSlide(Slide):
     def read_region(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        x = int(round(location_px[0] / ds))
-        y = int(round(location_px[1] / ds))
+        x = round(location_px[0] / ds)
+        y = round(location_px[1] / ds)
         w, h = size_px
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if x1 <= x0 or y1 <= y0:
             return np.full((h, w, 3), 255, dtype=np.uint8)
-        arr = self._arrays[level]
+        arr: Any = self._arrays[level]
         try:
             if self._axes in ("YXS",):
                 region = np.asarray(arr[y0:y1, x0:x1])
@@ -250,10 +252,10 @@ def tiff_resolution(tif: Any) -> tuple[float | None, float | None]:
     if xres is not None and unit_tag is not None:
         num, den = xres.value
         px_per_unit = num / den if den else 0.0
-        unit = int(unit_tag.value)
-        if px_per_unit > 0 and unit == 3:  # centimetre
+        unit_code = int(unit_tag.value)
+        if px_per_unit > 0 and unit_code == 3:  # centimetre
             return 1e4 / px_per_unit, power
-        if px_per_unit > 0 and unit == 2 and px_per_unit not in (72.0, 96.0):  # inch, not a screen default
+        if px_per_unit > 0 and unit_code == 2 and px_per_unit not in (72.0, 96.0):  # inch, not a screen default
             mpp = 25400.0 / px_per_unit
             if mpp < 50:
                 return mpp, power
@@ -345,12 +347,10 @@ def choose_level(
         return LevelChoice(level, 1, base_mpp * ds, ds, assumed)
     if target_mpp is None:
         raise ValueError("give target_mpp or level")
-    candidates = [
-        i for i, ds in enumerate(slide.level_downsamples) if base_mpp * ds <= target_mpp * (1 + tolerance)
-    ]
+    candidates = [i for i, ds in enumerate(slide.level_downsamples) if base_mpp * ds <= target_mpp * (1 + tolerance)]
     lvl = max(candidates, key=lambda i: slide.level_downsamples[i]) if candidates else 0
     ds = slide.level_downsamples[lvl]
-    factor = max(1, int(round(target_mpp / (base_mpp * ds))))
+    factor = max(1, round(target_mpp / (base_mpp * ds)))
     return LevelChoice(lvl, factor, base_mpp * ds * factor, ds * factor, assumed)
 
 
@@ -361,7 +361,7 @@ def read_scaled(slide: Slide, choice: LevelChoice, x: int, y: int, w: int, h: in
     """
     f = choice.factor
     ds_level = slide.level_downsamples[choice.level]
-    loc0 = (int(round(x * f * ds_level)), int(round(y * f * ds_level)))
+    loc0 = (round(x * f * ds_level), round(y * f * ds_level))
     region = slide.read_region(loc0, choice.level, (w * f, h * f))
     if f == 1:
         return region
@@ -371,7 +371,7 @@ def read_scaled(slide: Slide, choice: LevelChoice, x: int, y: int, w: int, h: in
 def model_dimensions(slide: Slide, choice: LevelChoice) -> tuple[int, int]:
     """(width, height) in pixels of the slide at ``choice``."""
     lw, lh = slide.level_dimensions[choice.level]
-    return int(math.ceil(lw / choice.factor)), int(math.ceil(lh / choice.factor))
+    return math.ceil(lw / choice.factor), math.ceil(lh / choice.factor)
 
 
 def thumbnail(slide: Slide, max_side_px: int = 2048, block_px: int = 2048) -> tuple[np.ndarray, float]:
@@ -386,15 +386,15 @@ def thumbnail(slide: Slide, max_side_px: int = 2048, block_px: int = 2048) -> tu
     levels = [i for i, ds in enumerate(slide.level_downsamples) if ds <= max(need_ds, 1.0)]
     lvl = max(levels, key=lambda i: slide.level_downsamples[i]) if levels else 0
     ds_l = slide.level_downsamples[lvl]
-    f = max(1, int(math.ceil(need_ds / ds_l)))
+    f = max(1, math.ceil(need_ds / ds_l))
     lw, lh = slide.level_dimensions[lvl]
-    tw, th = int(math.ceil(lw / f)), int(math.ceil(lh / f))
+    tw, th = math.ceil(lw / f), math.ceil(lh / f)
     out = np.empty((th, tw, 3), dtype=np.uint8)
     step = max(f, (block_px // f) * f)
     for by in range(0, lh, step):
         for bx in range(0, lw, step):
             bw, bh = min(step, lw - bx), min(step, lh - by)
-            cw, ch = int(math.ceil(bw / f)), int(math.ceil(bh / f))
+            cw, ch = math.ceil(bw / f), math.ceil(bh / f)
             region = slide.read_region((int(bx * ds_l), int(by * ds_l)), lvl, (cw * f, ch * f))
             small = region.reshape(ch, f, cw, f, 3).mean(axis=(1, 3)) if f > 1 else region
             out[by // f : by // f + ch, bx // f : bx // f + cw] = np.asarray(small).round().astype(np.uint8)

@@ -34,7 +34,9 @@ def test_help_shows_defaults() -> None:
 
 def test_run_writes_mask_geojson_and_provenance(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    rc = main(["--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(out), "--no-progress"])
+    rc = main(
+        ["--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(out), "--no-progress"]
+    )
     assert rc == 0
     res = out / cmu_slide.stem
     assert sorted(p.name for p in res.iterdir()) == ["annotations.geojson", "mask.tiff", "run.json"]
@@ -49,9 +51,19 @@ def test_run_writes_mask_geojson_and_provenance(cmu_slide: Path, darkness_regist
     assert [p.name for p in out.iterdir()] == [cmu_slide.stem]  # no temporary leftovers
 
 
-def test_second_run_is_skipped_unless_forced(cmu_slide: Path, darkness_registry: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(tmp_path / "o"), "--json"]
+def test_second_run_is_skipped_unless_forced(
+    cmu_slide: Path, darkness_registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "--registry",
+        str(darkness_registry),
+        "run",
+        "darkness",
+        str(cmu_slide),
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 0
@@ -60,11 +72,21 @@ def test_second_run_is_skipped_unless_forced(cmu_slide: Path, darkness_registry:
     assert json.loads(capsys.readouterr().out)[0]["status"] == "ok"
 
 
-def test_batch_continues_past_a_broken_slide(cmu_slide: Path, broken_slide: Path, darkness_registry: Path,
-                                             tmp_path: Path) -> None:
+def test_batch_continues_past_a_broken_slide(
+    cmu_slide: Path, broken_slide: Path, darkness_registry: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
-    r = zoo("--registry", str(darkness_registry), "run", "darkness", str(broken_slide), str(cmu_slide),
-            "--out", str(out), "--no-progress")
+    r = zoo(
+        "--registry",
+        str(darkness_registry),
+        "run",
+        "darkness",
+        str(broken_slide),
+        str(cmu_slide),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert r.returncode == 1
     assert (out / cmu_slide.stem / "mask.tiff").exists()
     assert not (out / broken_slide.stem).exists()

@@ -16,7 +16,9 @@ def test_pyramid_tiff_roundtrip_and_openslide(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     mask = (rng.random((2100, 1100)) > 0.5).astype(np.uint8)
     out = tmp_path / "m.tiff"
-    n = write_mask_tiff(out, mask, mpp=2.0, colormap={0: (255, 255, 255), 1: (0, 160, 0)}, description='{"downsample": 4}')
+    n = write_mask_tiff(
+        out, mask, mpp=2.0, colormap={0: (255, 255, 255), 1: (0, 160, 0)}, description='{"downsample": 4}'
+    )
     assert n == 3
     back, mpp, meta = read_mask_tiff(out)
     assert np.array_equal(back, mask) and mpp == pytest.approx(2.0) and meta == {"downsample": 4}

@@ -30,7 +30,7 @@ def test_get_by_name_version_and_errors() -> None:
     with pytest.raises(ModelNotFoundError) as exc:
         reg.get("no-such-model")
     assert isinstance(exc.value, KeyError) and "zoo list" in str(exc.value)
-    with pytest.raises(ModelNotFoundError, match="no version '9.9.9'"):
+    with pytest.raises(ModelNotFoundError, match=r"no version '9\.9\.9'"):
         reg.get(f"{default.name}@9.9.9")
 
 
@@ -86,6 +86,9 @@ def test_bundled_models_reproduce(model: str) -> None:
 
 
 def test_registry_import_is_light() -> None:
-    code = "import sys, zoo.registry, zoo.slide, bridge.geojson, bridge.fpl; print('onnxruntime' in sys.modules, 'torch' in sys.modules)"
+    code = (
+        "import sys, zoo.registry, zoo.slide, bridge.geojson, bridge.fpl; "
+        "print('onnxruntime' in sys.modules, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

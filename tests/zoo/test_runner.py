@@ -43,7 +43,11 @@ def _model(registry: Path, provider: str = "CPUExecutionProvider") -> OnnxModel:
 )
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_tiled_stitching_is_exact(
-    darkness_registry: Path, request: pytest.FixtureRequest, slide_name: str, backend: str, tolerance: float,
+    darkness_registry: Path,
+    request: pytest.FixtureRequest,
+    slide_name: str,
+    backend: str,
+    tolerance: float,
     batch_size: int,
 ) -> None:
     """Overlap averaging of a pointwise model must equal the model applied to the whole image."""

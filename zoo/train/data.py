@@ -148,8 +148,7 @@ class PatchSampler:
         self.patch_px = patch_px
         self.rng = np.random.default_rng(seed)
         self._where = [
-            (np.argwhere(~s.label & ~s.edge), np.argwhere(s.label & ~s.edge), np.argwhere(s.edge))
-            for s in self.samples
+            (np.argwhere(~s.label & ~s.edge), np.argwhere(s.label & ~s.edge), np.argwhere(s.edge)) for s in self.samples
         ]
 
     def _one(self, augment_on: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +162,10 @@ class PatchSampler:
         cy, cx = pts[int(rng.integers(len(pts)))]
         img = np.pad(s.image, ((p, p), (p, p), (0, 0)), constant_values=255)
         lab = np.pad(s.label, ((p, p), (p, p)), constant_values=False)
-        y0, x0 = cy + p - p // 2 + int(rng.integers(-p // 4, p // 4 + 1)), cx + p - p // 2 + int(rng.integers(-p // 4, p // 4 + 1))
+        y0, x0 = (
+            cy + p - p // 2 + int(rng.integers(-p // 4, p // 4 + 1)),
+            cx + p - p // 2 + int(rng.integers(-p // 4, p // 4 + 1)),
+        )
         x = img[y0 : y0 + p, x0 : x0 + p]
         y = lab[y0 : y0 + p, x0 : x0 + p]
         k = int(rng.integers(4))

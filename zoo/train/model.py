@@ -85,6 +85,8 @@ def _up(c: int, act: bool = True) -> list[nn.Module]:
 class MultiResUNet(nn.Module):
     """Table 3 U-Net. Input (N, 3, H, W) RGB in [0, 1], H and W multiples of 16; output logits (N, 1, H, W)."""
 
+    luma: torch.Tensor
+
     def __init__(self, in_mode: Literal["grey", "rgb"] = "grey", norm_single_channel: bool = False) -> None:
         super().__init__()
         _NORM_SINGLE_CHANNEL["value"] = norm_single_channel

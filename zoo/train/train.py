@@ -27,7 +27,7 @@ def soft_dice(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> flo
 def tiled_predict(net: torch.nn.Module, img: np.ndarray, patch_px: int = 256, overlap: float = 0.2) -> np.ndarray:
     """Tissue probability of a whole (H, W, 3) uint8 image with overlap averaging (as the runner)."""
     h, w = img.shape[:2]
-    stride = max(1, int(round(patch_px * (1 - overlap))))
+    stride = max(1, round(patch_px * (1 - overlap)))
     ph, pw = max(h, patch_px), max(w, patch_px)
     pad = np.full((ph, pw, 3), 255, np.uint8)
     pad[:h, :w] = img
@@ -96,7 +96,14 @@ def train(
         sched.step()
         if step % log_every == 0 or step == steps:
             sd = soft_dice(torch.sigmoid(logits).detach(), yt)
-            history.append({"step": step, "bce": round(float(loss.detach()), 4), "soft_dice": round(sd, 4), "s": round(time.time() - t0, 1)})
+            history.append(
+                {
+                    "step": step,
+                    "bce": round(float(loss.detach()), 4),
+                    "soft_dice": round(sd, 4),
+                    "s": round(time.time() - t0, 1),
+                }
+            )
             print(json.dumps(history[-1]), flush=True)
     net = net.cpu()
     val = evaluate(net, val_s)
@@ -122,7 +129,14 @@ def train(
     return summary
 
 
-def export_onnx(state_path: Path, in_mode: str, onnx_path: Path, norm_single_channel: bool = False, patch_px: int = 256, tol: float = 1e-4) -> float:
+def export_onnx(
+    state_path: Path,
+    in_mode: str,
+    onnx_path: Path,
+    norm_single_channel: bool = False,
+    patch_px: int = 256,
+    tol: float = 1e-4,
+) -> float:
     """Export a trained net (with sigmoid) to ONNX, dynamic batch; return max |torch - ORT|.
 
     Raises ValueError when ONNX Runtime and torch disagree by more than ``tol``.
@@ -165,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"), help="shared data folder")
     ap.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
     ap.add_argument("--in-mode", choices=["grey", "rgb"], default="grey", help="network input")
-    ap.add_argument("--norm-single-channel", action="store_true", help="GroupNorm on 1-channel maps (Table 3 as printed)")
+    ap.add_argument(
+        "--norm-single-channel", action="store_true", help="GroupNorm on 1-channel maps (Table 3 as printed)"
+    )
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps")
     ap.add_argument("--batch", type=int, default=16, help="patches per step")
     ap.add_argument("--patch-px", type=int, default=128, help="training patch side in pixels")
@@ -177,7 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     summary = train(a.data, a.out, a.in_mode, a.norm_single_channel, a.steps, a.batch, a.patch_px, a.lr, a.seed)
-    print(json.dumps({k: summary[k] for k in ("in_mode", "norm_single_channel", "parameters", "validation_mean_dice", "train_seconds")}))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("in_mode", "norm_single_channel", "parameters", "validation_mean_dice", "train_seconds")
+            }
+        )
+    )
     if a.export:
         err = export_onnx(a.out / "model.pt", a.in_mode, a.export, a.norm_single_channel)
         print(f"exported {a.export} (max |torch - onnxruntime| = {err:.2e})")

@@ -1,0 +1,121 @@
+"""A pathologist's edit in QuPath round-trips into a corrected mask with a per-class report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shapely.geometry import box, mapping, shape
+
+from zoo.outputs import read_mask_tiff
+
+
+def test_zoo_edits_reports_added_and_removed(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoo.cli",
+            "--registry",
+            str(darkness_registry),
+            "run",
+            "darkness",
+            str(cmu_slide),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--simplify-um",
+            "0",
+            "--min-area-um2",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    res = out / cmu_slide.stem
+    fc = json.loads((res / "annotations.geojson").read_text())
+    # The pathologist deletes the largest object and draws a new square on glass (top-left corner).
+    feats = sorted(fc["features"], key=lambda f: shape(f["geometry"]).area)
+    removed = feats.pop()
+    added = box(40, 40, 440, 440)  # level-0 px; the slide corner is glass
+    feats.append(
+        {
+            "type": "Feature",
+            "geometry": mapping(added),
+            "properties": {"objectType": "annotation", "classification": {"name": "Tissue", "color": [0, 160, 0]}},
+        }
+    )
+    edited = tmp_path / "edited.geojson"
+    edited.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    r = subprocess.run(
+        [sys.executable, "-m", "zoo.cli", "edits", str(res), str(edited), "--json"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)["classes"]["Tissue"]
+    assert rep["added_um2"] == pytest.approx(added.area * 0.499**2, rel=0.05)
+    assert rep["removed_um2"] == pytest.approx(shape(removed["geometry"]).area * 0.499**2, rel=0.05)
+    assert 0 < rep["dice"] < 1
+    fixed, mpp, meta = read_mask_tiff(res / "corrected.tiff")
+    pred, _, _ = read_mask_tiff(res / "mask.tiff")
+    ds = meta["downsample"]
+    assert fixed.shape == pred.shape and mpp == pytest.approx(0.499 * ds)
+    assert fixed[int(100 / ds), int(100 / ds)] == 1 and pred[int(100 / ds), int(100 / ds)] == 0
+
+
+def test_convert_mask_to_geojson_and_back(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoo.cli",
+            "--registry",
+            str(darkness_registry),
+            "run",
+            "darkness",
+            str(cmu_slide),
+            "--out",
+            str(out),
+            "--format",
+            "tiff",
+            "--no-progress",
+        ],
+        check=True,
+    )
+    mask = out / cmu_slide.stem / "mask.tiff"
+    gj = tmp_path / "a.geojson"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoo.cli",
+            "convert",
+            str(mask),
+            "--to",
+            "geojson",
+            "--out",
+            str(gj),
+            "--simplify-um",
+            "0",
+            "--min-area-um2",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    back = tmp_path / "b.tiff"
+    r = subprocess.run(
+        [sys.executable, "-m", "zoo.cli", "convert", str(gj), "--to", "tiff", "--like", str(mask), "--out", str(back)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    a, _, _ = read_mask_tiff(mask)
+    b, _, _ = read_mask_tiff(back)
+    assert (a == b).all()

@@ -1,0 +1,105 @@
+"""FAST text pipelines: real files round-trip; rendered pipelines stay in sync and refuse what FAST can't feed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.fpl import check_exportable, export_fast_folder, parse_fpl, read_fpl, repo_pipeline_files, write_fpl
+from tests.conftest import REPO, SHARED
+from zoo.errors import FplError
+from zoo.registry import ModelEntry, load_registry
+
+REAL_FPL = sorted(SHARED.glob("fpl/*/*.fpl"))
+
+
+@pytest.mark.skipif(not REAL_FPL, reason=f"no real .fpl files under {SHARED}/fpl")
+@pytest.mark.parametrize("path", REAL_FPL, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_real_pipelines_round_trip(path: Path) -> None:
+    pipe = read_fpl(path)
+    assert pipe.blocks
+    again = parse_fpl(write_fpl(pipe))
+    assert again == pipe
+    # every Input refers to an object defined in the file or declared as pipeline input
+    ids = {b.id for b in pipe.blocks}
+    for b in pipe.blocks:
+        for _, src, _ in b.inputs:
+            assert src in ids or src in {"WSI"}, (b.id, src)
+
+
+def test_h2g_net_details() -> None:
+    path = SHARED / "fpl/FP-DSA-plugin/breast_tumour_segmentation.fpl"
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    pipe = read_fpl(path)
+    assert pipe.block("patch").attribute("patch-size") == "256 256"
+    assert pipe.block("network").attribute("model").startswith("@@model@@")
+    assert pipe.block("lowRes").inputs == [(0, "WSI", 0)]
+    assert set(pipe.parameters()) == {"input", "model", "output"}
+    out = next(b for b in pipe.blocks if b.kind == "PipelineOutputData" and b.id == "heatmap")
+    assert out.args == ["finish", "0"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Attribute x 1\n", "ProcessObject a B\nInput zero b 0\n", "Frobnicate a b\n", 'ProcessObject a "B\n'],
+)
+def test_malformed_fpl(text: str) -> None:
+    with pytest.raises(FplError):
+        parse_fpl(text, "bad.fpl")
+
+
+@pytest.mark.parametrize("model", [m.id for m in load_registry().models])
+def test_kept_pipelines_match_registry(model: str) -> None:
+    entry = load_registry().get(model)
+    for name, text in repo_pipeline_files(entry).items():
+        kept = REPO / "pipelines" / name
+        assert kept.exists(), f"{kept} missing: run `zoo export pipelines`"
+        assert parse_fpl(kept.read_text()) == parse_fpl(text), f"{kept} is stale: run `zoo export pipelines`"
+
+
+def test_export_folder_layout(tmp_path: Path) -> None:
+    reg = load_registry()
+    entry = reg.get(None)
+    written = export_fast_folder(entry, reg, tmp_path)
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in written)
+    assert names == sorted(
+        [
+            f"models/{entry.name}.onnx",
+            f"models/{entry.name}.txt",
+            f"pipelines/{entry.name}.fpl",
+            f"pipelines/{entry.name}_export.fpl",
+        ]
+    )
+    exp = read_fpl(tmp_path / "pipelines" / f"{entry.name}_export.fpl")
+    assert set(exp.parameters()) == {"wsi", "output"}
+    app = read_fpl(tmp_path / "pipelines" / f"{entry.name}.fpl")
+    assert any(b.kind == "PipelineInputData" and b.id == "WSI" for b in app.blocks)
+    net = app.block("network")
+    assert float(net.attribute("scale-factor") or 0) == pytest.approx(entry.input.scale)
+    assert net.attribute("model") == f'"$CURRENT_PATH$/../models/{entry.name}.onnx"'
+    cfg = (tmp_path / "models" / f"{entry.name}.txt").read_text()
+    assert f"input_node:{entry.input.input_name}" in cfg and "class_names:Background;Tissue" in cfg
+
+
+def _variant(**changes: object) -> ModelEntry:
+    base = load_registry().get(None).model_dump()
+    for key, value in changes.items():
+        section, field = key.split("__")
+        base[section] = {**base[section], field: value}
+    return ModelEntry(**base)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"input__channel_order": "BGR"}, "FAST feeds RGB"),
+        ({"input__mean": (0.1, 0.2, 0.3)}, "per-channel mean"),
+        ({"output__activation": "none", "output__already_activated": False}, "needs probabilities"),
+        ({"input__input_name": "in put"}, "cannot hold"),
+    ],
+)
+def test_unexportable_models_are_refused(changes: dict[str, object], reason: str) -> None:
+    with pytest.raises(FplError, match=reason):
+        check_exportable(_variant(**changes))

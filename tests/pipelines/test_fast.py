@@ -1,0 +1,70 @@
+"""Every kept pipeline runs in FAST itself (pyfast, headless, ONNX Runtime) and agrees with `zoo run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from tests.conftest import REPO, dice
+from zoo.fastrun import fast_available, run_fast_pipeline
+from zoo.outputs import read_mask_tiff
+from zoo.registry import load_registry
+
+REASON = fast_available()
+pytestmark = [pytest.mark.fast, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+#: Minimum Dice between FAST's mask and the runner's, per model. They differ by design in
+#: background pre-masks (FAST's TissueSegmentation vs ours) and resampling filters.
+MIN_DICE = 0.85
+
+
+def _read_fast_output(path: Path) -> np.ndarray:
+    if path.suffix in (".tif", ".tiff"):
+        with tifffile.TiffFile(path) as tf:
+            a = tf.pages[0].asarray()
+    else:
+        a = np.asarray(Image.open(path))
+    return (a[..., 0] if a.ndim == 3 else a).astype(np.uint8)
+
+
+@pytest.mark.parametrize("model", [m.id for m in load_registry().models])
+def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Path, tmp_path: Path) -> None:
+    entry = load_registry().get(model)
+    fpl = REPO / "pipelines" / f"{entry.name}_export.fpl"
+    suffix = ".tiff" if entry.input.mode == "tiled" else ".png"
+    fast_out = tmp_path / f"fast{suffix}"
+    seconds = run_fast_pipeline(fpl, {"wsi": str(cmu_slide), "output": str(fast_out)})
+    assert fast_out.exists(), f"FAST wrote no output in {seconds:.1f} s"
+    fast_mask = _read_fast_output(fast_out)
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoo.cli",
+            "run",
+            entry.id,
+            str(cmu_slide),
+            "--out",
+            str(tmp_path / "z"),
+            "--format",
+            "tiff",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    ours, _, _ = read_mask_tiff(tmp_path / "z" / cmu_slide.stem / "mask.tiff")
+    fast_resized = np.asarray(Image.fromarray(fast_mask).resize(ours.shape[::-1], Image.Resampling.NEAREST))
+    d = dice(fast_resized > 0, ours > 0)
+    run = json.loads((tmp_path / "z" / cmu_slide.stem / "run.json").read_text())
+    print(f"{entry.id}: Dice(FAST, zoo) = {d:.4f}; FAST {seconds:.1f} s, zoo {run['seconds']:.1f} s")
+    assert d >= MIN_DICE

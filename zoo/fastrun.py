@@ -1,0 +1,58 @@
+"""Run a FAST text pipeline headless with pyfast, in a child process.
+
+FAST prints a banner, may look for a display and keeps global state, so each run
+gets its own interpreter; the parent gets the wall time and the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zoo.errors import FplError
+
+_CHILD = r"""
+import json, sys, time
+import fast
+fast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)
+path, variables = sys.argv[1], json.loads(sys.argv[2])
+t0 = time.perf_counter()
+p = fast.Pipeline(path, variables)
+p.parse()
+p.run()
+print("FAST_SECONDS", time.perf_counter() - t0)
+"""
+
+
+def fast_available() -> str | None:
+    """None when pyfast imports here, else the reason it does not."""
+    r = subprocess.run([sys.executable, "-c", "import fast"], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+    return f"pyfast cannot be imported ({last}); install '.[fast]' and the Debian libraries in .ci/apt-packages.txt"
+
+
+def run_fast_pipeline(fpl: Path, variables: dict[str, str], timeout_s: float = 1800) -> float:
+    """Run ``fpl`` in FAST with ``@@variables@@``; return FAST's own seconds (parse + run).
+
+    Raises:
+        FplError: FAST failed; the message carries its last error line.
+    """
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(fpl), json.dumps(variables)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if r.returncode != 0:
+        lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip() and "Test data" not in ln]
+        raise FplError(f"{fpl}: FAST failed ({lines[-1] if lines else r.returncode}); check the pipeline attributes")
+    for ln in r.stdout.splitlines():
+        if ln.startswith("FAST_SECONDS"):
+            return float(ln.split()[1])
+    return time.perf_counter() - t0
