@@ -250,6 +250,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
     from zoo.jobs import JobConfig, expand_slides, run_many, run_many_dask
     from zoo.registry import load_registry
+    from zoo.runner import RunOptions
 
     reg = load_registry(args.registry)
     model = getattr(args, "model", None) or reg.default_model
@@ -258,12 +259,7 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
     if not paths:
         print(f"error: no slides found in {args.slides}; pass slide files, a folder or a quoted glob", file=sys.stderr)
         return 1
-    cfg = JobConfig(
-        model=entry.id,
-        registry_path=args.registry,
-        out_dir=args.out,
-        formats=tuple(args.formats),
-        backend=args.backend,
+    run = RunOptions(
         target_mpp=args.mpp,
         level=args.level,
         slide_mpp=args.slide_mpp,
@@ -272,6 +268,14 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         threads=args.threads,
         skip_background=args.skip_background,
         progress=args.progress and sys.stderr.isatty(),
+    )
+    cfg = JobConfig(
+        model=entry.id,
+        registry_path=args.registry,
+        out_dir=args.out,
+        formats=tuple(args.formats),
+        backend=args.backend,
+        run=run,
         simplify_um=args.simplify_um,
         min_area_um2=args.min_area_um2,
         object_type=args.object_type,
@@ -287,12 +291,14 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         if r.status == "failed":
             print(f"error: {r.error}", file=sys.stderr)
         elif not args.json:
-            tissue = {
-                k: v["area_mm2"] if v["area_mm2"] is not None else f"{v['fraction']:.1%}"
+            areas = ", ".join(
+                f"{k} {v['area_mm2']:.3f} mm² ({v['fraction']:.1%})"
+                if v["area_mm2"] is not None
+                else f"{k} {v['fraction']:.1%}"
                 for k, v in r.summary.get("classes", {}).items()
                 if k.lower() != "background"
-            }
-            print(f"{r.status}: {r.slide} -> {r.out} {tissue if r.status == 'ok' else r.summary.get('reason', '')}")
+            )
+            print(f"{r.status}: {r.slide} -> {r.out}: {areas if r.status == 'ok' else r.summary.get('reason', '')}")
     failed = sum(r.status == "failed" for r in results)
     if failed and len(results) > 1:
         print(f"{failed} of {len(results)} slides failed", file=sys.stderr)

@@ -17,13 +17,14 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from zoo import __version__
 from zoo.errors import OutputError, ZooError
 from zoo.registry import ModelEntry, Registry, load_registry, verified_weights
+from zoo.runner import RunOptions
 from zoo.slide import open_slide
 
 FORMATS = ("tiff", "geojson")
@@ -39,14 +40,7 @@ class JobConfig:
     out_dir: str = "out"
     formats: tuple[str, ...] = FORMATS
     backend: str = "auto"
-    target_mpp: float | None = None
-    level: int | None = None
-    slide_mpp: float | None = None
-    batch_size: int = 8
-    providers: list[str] | None = None
-    threads: int = 0
-    skip_background: bool = True
-    progress: bool = True
+    run: RunOptions = field(default_factory=RunOptions)
     simplify_um: float = 2.0
     min_area_um2: float = 500.0
     object_type: str = "annotation"
@@ -115,7 +109,7 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
     """
     from bridge.geojson import ClassStyle, mask_to_feature_collection
     from zoo.outputs import current_umask, write_json, write_mask_tiff
-    from zoo.runner import OnnxModel, RunOptions, predict_slide
+    from zoo.runner import OnnxModel, predict_slide
 
     slide_path = Path(slide_path)
     reg = registry or load_registry(cfg.registry_path)
@@ -126,20 +120,10 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
     weights = verified_weights(entry, reg)
     t0 = time.perf_counter()
     with open_slide(slide_path, backend=cfg.backend) as slide:  # type: ignore[arg-type]
-        model = OnnxModel(weights, entry, cfg.providers, cfg.threads)
-        opts = RunOptions(
-            target_mpp=cfg.target_mpp,
-            level=cfg.level,
-            slide_mpp=cfg.slide_mpp,
-            batch_size=cfg.batch_size,
-            providers=cfg.providers,
-            threads=cfg.threads,
-            skip_background=cfg.skip_background,
-            progress=cfg.progress,
-        )
-        pred = predict_slide(slide, model, opts)
+        model = OnnxModel(weights, entry, cfg.run.providers, cfg.run.threads)
+        pred = predict_slide(slide, model, cfg.run)
         slide_info = slide.describe()
-        mpp0 = cfg.slide_mpp or slide.mpp
+        mpp0 = cfg.run.slide_mpp or slide.mpp
         mpp0_assumed = pred.choice.mpp_assumed if pred.choice else mpp0 is None
         if mpp0 is None and pred.choice is not None:
             mpp0 = pred.choice.mpp / pred.choice.downsample
@@ -253,11 +237,11 @@ def run_many_dask(
 ) -> list[JobResult]:
     """Run slides on a Dask cluster: ``scheduler`` address, or a local cluster of ``workers`` processes.
 
-    Each task runs one slide; the ONNX session uses ``cfg.threads`` threads per worker.
+    Each task runs one slide; the ONNX session uses ``cfg.run.threads`` threads per worker.
     """
     from dask.distributed import Client, LocalCluster
 
-    cfg = JobConfig(**{**asdict(cfg), "progress": False})
+    cfg = replace(cfg, run=replace(cfg.run, progress=False))
     if scheduler:
         client = Client(scheduler)
         cluster = None

@@ -180,7 +180,7 @@ def labels_from_probabilities(prob: np.ndarray, entry: ModelEntry) -> np.ndarray
     return idx[prob.argmax(axis=0)]
 
 
-def _positions(length: int, patch: int, stride: int) -> list[int]:
+def tile_positions(length: int, patch: int, stride: int) -> list[int]:
     if length <= patch:
         return [0]
     pos = list(range(0, length - patch + 1, stride))
@@ -222,7 +222,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
     width, height = model_dimensions(slide, choice)
     pw, ph = spec.patch_size_px
     sx, sy = max(1, round(pw * (1 - spec.overlap))), max(1, round(ph * (1 - spec.overlap)))
-    xs, ys = _positions(width, pw, sx), _positions(height, ph, sy)
+    xs, ys = tile_positions(width, pw, sx), tile_positions(height, ph, sy)
     n_cls = entry.output.channels
     t0 = time.perf_counter()
 

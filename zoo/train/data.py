@@ -13,7 +13,7 @@ Three kinds of source, all held in memory (the images are small):
 
 Patches are sampled as in the paper: centre on background 25%, foreground 25%,
 mask edge 50%. Augmentation: flips, 90° rotations, HED and HSV jitter, brightness,
-blur.
+blur, and pure-white "unscanned" rectangles over glass (see :func:`unscanned_rectangle`).
 """
 
 from __future__ import annotations
@@ -140,6 +140,25 @@ def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(x, 0, 1)
 
 
+def unscanned_rectangle(x: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Paint pure white over the background pixels of a random rectangle touching a patch edge.
+
+    Scanners leave unscanned areas that OpenSlide returns as transparent and the runner
+    fills with white; next to real (slightly tinted) glass this makes straight glass/white
+    steps that must not be read as a tissue border. Labels are unchanged (both are background).
+    """
+    p = x.shape[0]
+    out = x.copy()
+    w, h = rng.integers(p // 8, p), rng.integers(p // 8, p)
+    side = int(rng.integers(4))
+    x0 = 0 if side == 0 else (p - w if side == 1 else int(rng.integers(0, p - w + 1)))
+    y0 = 0 if side == 2 else (p - h if side == 3 else int(rng.integers(0, p - h + 1)))
+    region = np.zeros(label.shape, bool)
+    region[y0 : y0 + h, x0 : x0 + w] = True
+    out[region & (label < 0.5)] = 1.0
+    return out
+
+
 class PatchSampler:
     """Edge-weighted random patches (bg 25%, fg 25%, edge 50%) from a list of samples."""
 
@@ -173,6 +192,8 @@ class PatchSampler:
         if rng.random() < 0.5:
             x, y = x[:, ::-1], y[:, ::-1]
         xf = augment(x, rng) if augment_on else x.astype(np.float32) / 255.0
+        if augment_on and rng.random() < 0.25:
+            xf = unscanned_rectangle(xf, y, rng)
         return xf, y.astype(np.float32)
 
     def batch(self, n: int, augment_on: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,184 @@
+"""Speed and memory of `zoo run` against FAST on the same slide and the same ONNX model, in one run.
+
+    python benchmarks/bench_runner.py [--slide PATH] [--model tissue-multires] [--mpp 1 2 4 8] [--big]
+
+For each resolution it runs, each in its own process (so peak RSS is its own):
+
+* ``zoo``   the runner (prefetch thread + batched ONNX Runtime + band stitching);
+* ``floor`` reading and decoding exactly the tiles the runner ran, no inference (the I/O limit);
+* ``fast``  FAST (pyfast) running the model's kept ``pipelines/<model>_export.fpl`` at the same
+  magnification, overlap and patch size (FAST uses its own TissueSegmentation to skip glass).
+
+It prints wall time, tiles/s, level-0 tissue megapixels/s, peak RSS and the ratios zoo/FAST and
+zoo/floor. ``--big`` first writes a ~255-megapixel pyramidal JPEG TIFF (a 4x4 mosaic of the TCGA
+slide, see make_big_slide.py) to show that memory stays bounded as slides grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int) -> dict[str, Any]:
+    from zoo.registry import load_registry, verified_weights
+    from zoo.runner import OnnxModel, RunOptions, background_premask, predict_slide, tile_positions
+    from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled
+
+    reg = load_registry()
+    entry = reg.get(model)
+    with open_slide(slide) as s:
+        if mode == "zoo":
+            m = OnnxModel(verified_weights(entry, reg), entry)
+            t = time.perf_counter()
+            pred = predict_slide(s, m, RunOptions(target_mpp=mpp, progress=False, batch_size=batch))
+            secs = time.perf_counter() - t
+            tissue_px0 = float((pred.mask > 0).sum()) * pred.downsample**2
+            return {
+                "seconds": secs,
+                "tiles": pred.stats["tiles_run"],
+                "tissue_mpx0": tissue_px0 / 1e6,
+                "providers": m.providers,
+                "peak_rss_mb": _peak_rss_mb(),
+                "stats": pred.stats,
+            }
+        # floor: same premask and tile list, read + decode only
+        choice = choose_level(s, target_mpp=mpp)
+        w, h = model_dimensions(s, choice)
+        pw, ph = entry.input.patch_size_px
+        sx, sy = round(pw * (1 - entry.input.overlap)), round(ph * (1 - entry.input.overlap))
+        t = time.perf_counter()
+        pre, pre_ds = background_premask(s)
+        scale = choice.downsample / pre_ds
+        n = 0
+        for y in tile_positions(h, ph, sy):
+            for x in tile_positions(w, pw, sx):
+                y0, x0 = int(y * scale), int(x * scale)
+                if pre[y0 : int((y + ph) * scale) + 1, x0 : int((x + pw) * scale) + 1].any():
+                    read_scaled(s, choice, x, y, pw, ph)
+                    n += 1
+        return {"seconds": time.perf_counter() - t, "tiles": n, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_child(*args: str) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_fast(slide: Path, model: str, mpp: float, workdir: Path) -> dict[str, Any]:
+    """FAST on the kept export pipeline, with the magnification set to ``mpp``."""
+    from bridge.fpl import read_fpl, write_fpl
+    from zoo.fastrun import fast_available
+    from zoo.registry import load_registry
+
+    reason = fast_available()
+    if reason:
+        return {"error": reason}
+    entry = load_registry().get(model)
+    pipe = read_fpl(REPO / "pipelines" / f"{entry.name}_export.fpl")
+    patch = pipe.block("patch")
+    patch.attributes = [(k, f"{10.0 / mpp:g}" if k == "patch-magnification" else v) for k, v in patch.attributes]
+    fpl = REPO / "pipelines" / f".bench_{os.getpid()}.fpl"  # beside the kept one so $CURRENT_PATH$ resolves
+    fpl.write_text(write_fpl(pipe))
+    out = workdir / f"fast_{mpp:g}.tiff"
+    code = (
+        "import json,resource,sys,time\nimport fast\nfast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)\n"
+        "t=time.perf_counter()\np=fast.Pipeline(sys.argv[1],{'wsi':sys.argv[2],'output':sys.argv[3]})\n"
+        "p.parse()\np.run()\ns=time.perf_counter()-t\n"
+        "print(json.dumps({'seconds':s,'peak_rss_mb':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n"
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(fpl), str(slide), str(out)], capture_output=True, text=True)
+    finally:
+        fpl.unlink(missing_ok=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument(
+        "--slide",
+        type=Path,
+        default=REPO.parent / "shared/data/slides/tcga-cr-7395-01a-01-ts1.svs",
+        help="slide to run on",
+    )
+    ap.add_argument("--model", default="tissue-multires", help="registered model")
+    ap.add_argument("--mpp", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="resolutions (µm/px)")
+    ap.add_argument("--batch-size", type=int, default=8, help="runner batch size")
+    ap.add_argument("--big", action="store_true", help="benchmark on a generated 4x4 mosaic of --slide")
+    ap.add_argument("--no-fast", action="store_true", help="skip FAST")
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_runner.json", help="JSON results"
+    )
+    ap.add_argument("--child", nargs=5, metavar=("SLIDE", "MODEL", "MPP", "MODE", "BATCH"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        s, m, mpp, mode, batch = a.child
+        print(json.dumps(child_zoo(s, m, float(mpp), mode, int(batch))))
+        return 0
+    workdir = REPO / "benchmarks" / "results"
+    workdir.mkdir(parents=True, exist_ok=True)
+    slide = a.slide
+    if a.big:
+        from make_big_slide import make_big_slide  # type: ignore[import-not-found]
+
+        slide = make_big_slide(a.slide, workdir / "big_mosaic.tiff", 4)
+    rows = []
+    for mpp in a.mpp:
+        zoo = run_child(str(slide), a.model, str(mpp), "zoo", str(a.batch_size))
+        floor = run_child(str(slide), a.model, str(mpp), "floor", str(a.batch_size))
+        fast = {"error": "skipped"} if a.no_fast else run_fast(slide, a.model, mpp, workdir)
+        row = {
+            "slide": slide.name,
+            "mpp": mpp,
+            "zoo": zoo,
+            "floor": floor,
+            "fast": fast,
+            "zoo_tiles_per_s": zoo["tiles"] / zoo["seconds"],
+            "zoo_tissue_mpx0_per_s": zoo["tissue_mpx0"] / zoo["seconds"],
+            "zoo_over_floor": zoo["seconds"] / max(floor["seconds"], 1e-9),
+            "zoo_over_fast": zoo["seconds"] / fast["seconds"] if "seconds" in fast else None,
+        }
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    a.out.write_text(json.dumps(rows, indent=1))
+    providers = rows[0]["zoo"]["providers"]
+    print(f"slide: {slide.name}; model: {a.model}; CPU cores: {os.cpu_count()}; providers: {providers}")
+    print(
+        "| µm/px | tiles | zoo s | tiles/s | tissue MPx(L0)/s | zoo RSS MB | floor s | zoo/floor | FAST s | "
+        "FAST RSS MB | zoo/FAST |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = r["fast"]
+        fs = f"{f['seconds']:.2f}" if "seconds" in f else "n/a"
+        frss = f"{f['peak_rss_mb']:.0f}" if "peak_rss_mb" in f else "n/a"
+        ratio = f"{r['zoo_over_fast']:.2f}" if r["zoo_over_fast"] else "n/a"
+        print(
+            f"| {r['mpp']:g} | {r['zoo']['tiles']} | {r['zoo']['seconds']:.2f} | {r['zoo_tiles_per_s']:.1f} | "
+            f"{r['zoo_tissue_mpx0_per_s']:.1f} | {r['zoo']['peak_rss_mb']:.0f} | {r['floor']['seconds']:.2f} | "
+            f"{r['zoo_over_floor']:.2f} | {fs} | {frss} | {ratio} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
