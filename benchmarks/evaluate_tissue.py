@@ -159,13 +159,18 @@ def _stitch(probs: np.ndarray, shape: tuple[int, ...], p: int = 256) -> np.ndarr
 
 
 def markdown(rows: list[dict[str, Any]], comp: dict[str, Any]) -> str:
-    methods = list(rows[0]["dice_vs_reference"]) if rows else []
+    methods: list[str] = []
+    for r in rows:
+        methods += [m for m in r["dice_vs_reference"] if m not in methods]
     lines = [
         "| slide | µm/px | " + " | ".join(f"{m} Dice (s)" for m in methods) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
     for r in rows:
-        cells = [f"{r['dice_vs_reference'][m]:.3f} ({r['seconds'][m]:.2f})" for m in methods]
+        cells = [
+            f"{r['dice_vs_reference'][m]:.3f} ({r['seconds'][m]:.2f})" if m in r["dice_vs_reference"] else "n/a"
+            for m in methods
+        ]
         mpp = f"{r['mpp']:g}{'*' if r['mpp_assumed'] else ''}"
         lines.append(f"| {r['slide']} | {mpp} | " + " | ".join(cells) + " |")
     lines.append("")

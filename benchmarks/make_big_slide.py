@@ -50,7 +50,13 @@ def make_big_slide(src: Path, out: Path, n: int = 4, tile: int = 256, mpp: float
 
             px_per_cm = 1e4 / (mpp * 2**k)
             # Aperio-style description so OpenSlide (and FAST through it) see objective power and µm/px.
-            desc = f"Aperio Image Library v12.0.0 \r\n{lw}x{lh} ({tile}x{tile}) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp}"
+            if k == 0:
+                w0, h0 = lw, lh
+                desc = (
+                    f"Aperio Image Library v12.0.0 \r\n{lw}x{lh} ({tile}x{tile}) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp}"
+                )
+            else:
+                desc = f"Aperio Image Library v12.0.0 \r\n{w0}x{h0} ({tile}x{tile}) -> {lw}x{lh} JPEG/RGB Q=90"
             tif.write(
                 tiles(),
                 shape=(lh, lw, 3),
@@ -58,12 +64,24 @@ def make_big_slide(src: Path, out: Path, n: int = 4, tile: int = 256, mpp: float
                 tile=(tile, tile),
                 compression="jpeg",
                 photometric="rgb",
-                subfiletype=0 if k == 0 else 1,
+                subfiletype=0,  # Aperio marks levels as full images, not reduced ones
                 resolution=(px_per_cm, px_per_cm),
                 resolutionunit="CENTIMETER",
                 metadata=None,
-                description=desc if k == 0 else None,
+                description=desc,
             )
+            if k == 0:  # Aperio layout: a small stripped thumbnail is the second page
+                f = max(1, int(np.ceil(max(base.shape[:2]) * n / 1024)))
+                thumb = np.tile(base[::f, ::f], (n, n, 1))[: lh // f, : lw // f]
+                tif.write(
+                    thumb,
+                    compression="jpeg",
+                    photometric="rgb",
+                    rowsperstrip=16,
+                    subfiletype=0,
+                    metadata=None,
+                    description=f"Aperio Image Library v12.0.0 \n{lw}x{lh} -> {thumb.shape[1]}x{thumb.shape[0]} - ",
+                )
             if min(lh, lw) // 2 < 2048:
                 break
             even = level[: level.shape[0] // 2 * 2, : level.shape[1] // 2 * 2]

@@ -16,6 +16,7 @@ def test_cmu_svs_both_backends(cmu_slide: Path, backend: str) -> None:
     with open_slide(cmu_slide, backend=backend) as s:  # type: ignore[arg-type]
         assert s.backend == backend
         assert s.dimensions == (2220, 2967)
+        assert s.level_count == 1  # thumbnail, label and macro are not levels
         assert s.mpp == pytest.approx(0.499)
         assert s.objective_power == 20
         region = s.read_region((1000, 1200), 0, (300, 200))
@@ -40,6 +41,18 @@ def test_backends_agree_pixel_for_pixel(tcga_slide: Path) -> None:
         # OpenSlide paints levels with non-integer downsample (here 2.0005) at sub-pixel offsets
         ra, rb = a.read_region((2000, 1000), 1, (256, 192)), b.read_region((2000, 1000), 1, (256, 192))
         assert np.abs(ra.astype(int) - rb.astype(int)).mean() < 8
+
+
+def test_auto_prefers_tifffile_for_aperio_and_generic(cmu_slide: Path, tcga_slide: Path, tmp_path: Path) -> None:
+    from zoo.outputs import write_mask_tiff
+
+    for p in (cmu_slide, tcga_slide):
+        with open_slide(p) as s:
+            assert s.backend == "tifffile"
+    mask = tmp_path / "m.tiff"
+    write_mask_tiff(mask, np.zeros((1200, 700), np.uint8), mpp=2.0)
+    with open_slide(mask) as s:
+        assert s.backend == "tifffile" and s.level_count == 2 and s.mpp == pytest.approx(2.0)
 
 
 def test_plain_tiff_goes_to_tifffile(kidney_slide: Path) -> None:
