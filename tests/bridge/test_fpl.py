@@ -103,3 +103,18 @@ def _variant(**changes: object) -> ModelEntry:
 def test_unexportable_models_are_refused(changes: dict[str, object], reason: str) -> None:
     with pytest.raises(FplError, match=reason):
         check_exportable(_variant(**changes))
+
+
+def test_tissue_mask_gates_only_non_tissue_models() -> None:
+    from bridge.fpl import render_pipeline
+
+    tissue = render_pipeline(load_registry().get("tissue-multires"), "export")
+    assert all(b.id != "tissueSeg" for b in tissue.blocks)
+    other = render_pipeline(_task("semantic-segmentation"), "export")
+    assert other.block("tissueSeg").args == ["TissueSegmentation"]
+    assert (1, "tissueSeg", 0) in other.block("patch").inputs
+    assert other.block("patch").attribute("mask-threshold") == "0.02"
+
+
+def _task(task: str) -> ModelEntry:
+    return ModelEntry(**{**load_registry().get("tissue-multires").model_dump(), "task": task})
