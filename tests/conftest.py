@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ZOO_SHARED_DATA", REPO.parent / "shared" / "data"))
 BUNDLED_SLIDE = REPO / "zoo" / "data" / "cmu-1-small-region.svs"
+
+
+def run_zoo(*args: str, check: bool = False, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the `zoo` CLI in a child process (as a user would), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.cli", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        **kw,  # type: ignore[call-overload]
+    )
 
 
 def shared(*parts: str) -> Path:

@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from shapely.geometry import box, mapping, shape
 
+from tests.conftest import run_zoo
 from zoo.outputs import read_mask_tiff
+
+NO_SIMPLIFY = ("--simplify-um", "0", "--min-area-um2", "0")
 
 
 def test_zoo_edits_reports_added_and_removed(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zoo.cli",
-            "--registry",
-            str(darkness_registry),
-            "run",
-            "darkness",
-            str(cmu_slide),
-            "--out",
-            str(out),
-            "--no-progress",
-            "--simplify-um",
-            "0",
-            "--min-area-um2",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    reg = ("--registry", str(darkness_registry))
+    run = run_zoo(*reg, "run", "darkness", str(cmu_slide), "--out", str(out), "--no-progress", *NO_SIMPLIFY)
     assert run.returncode == 0, run.stderr
     res = out / cmu_slide.stem
     fc = json.loads((res / "annotations.geojson").read_text())
@@ -52,9 +34,7 @@ def test_zoo_edits_reports_added_and_removed(cmu_slide: Path, darkness_registry:
     )
     edited = tmp_path / "edited.geojson"
     edited.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    r = subprocess.run(
-        [sys.executable, "-m", "zoo.cli", "edits", str(res), str(edited), "--json"], capture_output=True, text=True
-    )
+    r = run_zoo("edits", str(res), str(edited), "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)["classes"]["Tissue"]
     assert rep["added_um2"] == pytest.approx(added.area * 0.499**2, rel=0.05)
@@ -69,52 +49,14 @@ def test_zoo_edits_reports_added_and_removed(cmu_slide: Path, darkness_registry:
 
 def test_convert_mask_to_geojson_and_back(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zoo.cli",
-            "--registry",
-            str(darkness_registry),
-            "run",
-            "darkness",
-            str(cmu_slide),
-            "--out",
-            str(out),
-            "--format",
-            "tiff",
-            "--no-progress",
-        ],
-        check=True,
-    )
+    reg = ("--registry", str(darkness_registry))
+    run_zoo(*reg, "run", "darkness", str(cmu_slide), "--out", str(out), "--format", "tiff", "--no-progress", check=True)
     mask = out / cmu_slide.stem / "mask.tiff"
     gj = tmp_path / "a.geojson"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zoo.cli",
-            "convert",
-            str(mask),
-            "--to",
-            "geojson",
-            "--out",
-            str(gj),
-            "--simplify-um",
-            "0",
-            "--min-area-um2",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_zoo("convert", str(mask), "--to", "geojson", "--out", str(gj), *NO_SIMPLIFY)
     assert r.returncode == 0, r.stderr
     back = tmp_path / "b.tiff"
-    r = subprocess.run(
-        [sys.executable, "-m", "zoo.cli", "convert", str(gj), "--to", "tiff", "--like", str(mask), "--out", str(back)],
-        capture_output=True,
-        text=True,
-    )
+    r = run_zoo("convert", str(gj), "--to", "tiff", "--like", str(mask), "--out", str(back))
     assert r.returncode == 0, r.stderr
     a, _, _ = read_mask_tiff(mask)
     b, _, _ = read_mask_tiff(back)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tests.conftest import REPO, dice
+from tests.conftest import REPO, dice, run_zoo
 from zoo.fastrun import fast_available, run_fast_pipeline
 from zoo.outputs import read_mask_tiff
 from zoo.registry import load_registry
@@ -44,23 +42,7 @@ def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Pat
     assert fast_out.exists(), f"FAST wrote no output in {seconds:.1f} s"
     fast_mask = _read_fast_output(fast_out)
 
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zoo.cli",
-            "run",
-            entry.id,
-            str(cmu_slide),
-            "--out",
-            str(tmp_path / "z"),
-            "--format",
-            "tiff",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_zoo("run", entry.id, str(cmu_slide), "--out", str(tmp_path / "z"), "--format", "tiff", "--no-progress")
     assert r.returncode == 0, r.stderr
     ours, _, _ = read_mask_tiff(tmp_path / "z" / cmu_slide.stem / "mask.tiff")
     fast_resized = np.asarray(Image.fromarray(fast_mask).resize(ours.shape[::-1], Image.Resampling.NEAREST))

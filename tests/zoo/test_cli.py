@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_zoo
 from zoo.cli import main
-
-
-def zoo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_list_info_verify(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,7 +23,7 @@ def test_list_info_verify(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_help_shows_defaults() -> None:
-    r = zoo("run", "--help")
+    r = run_zoo("run", "--help")
     assert r.returncode == 0 and "(default: 8)" in r.stdout and "--mpp" in r.stdout
 
 
@@ -76,7 +71,7 @@ def test_batch_continues_past_a_broken_slide(
     cmu_slide: Path, broken_slide: Path, darkness_registry: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    r = zoo(
+    r = run_zoo(
         "--registry",
         str(darkness_registry),
         "run",
@@ -108,7 +103,7 @@ def test_batch_continues_past_a_broken_slide(
     ],
 )
 def test_bad_input_exit_codes(args: list[str], code: int, needle: str) -> None:
-    r = zoo(*args)
+    r = run_zoo(*args)
     assert r.returncode == code, r.stderr
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
@@ -116,23 +111,23 @@ def test_bad_input_exit_codes(args: list[str], code: int, needle: str) -> None:
 
 def test_checksum_mismatch_refused(tampered_registry: Path, cmu_slide: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    r = zoo("--registry", str(tampered_registry), "run", "peer-tissue-unet", str(cmu_slide), "--out", str(out))
+    r = run_zoo("--registry", str(tampered_registry), "run", "peer-tissue-unet", str(cmu_slide), "--out", str(out))
     assert r.returncode == 1 and "sha256" in r.stderr and "does not match" in r.stderr
     assert not out.exists()
-    r = zoo("--registry", str(tampered_registry), "verify")
+    r = run_zoo("--registry", str(tampered_registry), "verify")
     assert r.returncode == 1 and "FAIL" in r.stdout
 
 
 def test_unwritable_output(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"  # a file where the output folder should be
     blocker.write_text("")
-    r = zoo("--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(blocker / "x"))
+    r = run_zoo("--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(blocker / "x"))
     assert r.returncode == 1 and "writable" in r.stderr
     assert blocker.read_text() == ""
 
 
 def test_demo_runs_default_model_on_bundled_slide(tmp_path: Path) -> None:
-    r = zoo("demo", "--out", str(tmp_path), "--no-progress")
+    r = run_zoo("demo", "--out", str(tmp_path), "--no-progress")
     assert r.returncode == 0, r.stderr
     run = json.loads((tmp_path / "cmu-1-small-region" / "run.json").read_text())
     assert run["slide"]["path"].endswith("cmu-1-small-region.svs")
