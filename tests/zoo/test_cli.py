@@ -131,3 +131,12 @@ def test_demo_runs_default_model_on_bundled_slide(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     run = json.loads((tmp_path / "cmu-1-small-region" / "run.json").read_text())
     assert run["slide"]["path"].endswith("cmu-1-small-region.svs")
+
+
+def test_run_at_a_pyramid_level(tcga_slide: Path, tmp_path: Path) -> None:
+    r = run_zoo("run", "tissue-multires", str(tcga_slide), "--level", "1", "--out", str(tmp_path), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((tmp_path / tcga_slide.stem / "run.json").read_text())
+    assert run["resolution"]["level"] == 1 and run["resolution"]["extra_downsample"] == 1
+    assert run["resolution"]["slide_mpp_assumed"] is True
+    assert run["slide"]["backend"] == "tifffile"

@@ -112,3 +112,19 @@ def test_model_input_mismatch_is_refused(darkness_registry: Path) -> None:
     darkness_registry.write_text(text)
     with pytest.raises(ModelInputError, match="no input 'pixels'"):
         _model(darkness_registry)
+
+
+@pytest.mark.parametrize(
+    ("slide_name", "low", "high"),
+    [("cmu", 0.30, 0.45), ("tcga", 0.55, 0.70), ("kidney", 0.0005, 0.02)],
+)
+def test_tissue_multires_on_every_real_slide(
+    request: pytest.FixtureRequest, slide_name: str, low: float, high: float
+) -> None:
+    """Regression guard on the shipped model: tissue fraction per real slide at the default 2 µm/px."""
+    reg = load_registry()
+    entry = reg.get("tissue-multires")
+    model = OnnxModel(verified_weights(entry, reg), entry, providers=["CPUExecutionProvider"])
+    with open_slide(request.getfixturevalue(f"{slide_name}_slide")) as slide:
+        pred = predict_slide(slide, model, RunOptions(progress=False))
+    assert low < pred.class_fractions().get(1, 0.0) < high
