@@ -84,7 +84,8 @@ def run_child(*args: str) -> dict[str, Any]:
 def run_fast(slide: Path, model: str, mpp: float, workdir: Path) -> dict[str, Any]:
     """FAST on the kept export pipeline, with the magnification set to ``mpp``."""
     from bridge.fpl import read_fpl, write_fpl
-    from zoo.fastrun import fast_available
+    from zoo.errors import FplError
+    from zoo.fastrun import fast_available, run_fast_pipeline_stats
     from zoo.registry import load_registry
 
     reason = fast_available()
@@ -97,19 +98,12 @@ def run_fast(slide: Path, model: str, mpp: float, workdir: Path) -> dict[str, An
     fpl = REPO / "pipelines" / f".bench_{os.getpid()}.fpl"  # beside the kept one so $CURRENT_PATH$ resolves
     fpl.write_text(write_fpl(pipe))
     out = workdir / f"fast_{mpp:g}.tiff"
-    code = (
-        "import json,resource,sys,time\nimport fast\nfast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)\n"
-        "t=time.perf_counter()\np=fast.Pipeline(sys.argv[1],{'wsi':sys.argv[2],'output':sys.argv[3]})\n"
-        "p.parse()\np.run()\ns=time.perf_counter()-t\n"
-        "print(json.dumps({'seconds':s,'peak_rss_mb':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n"
-    )
     try:
-        r = subprocess.run([sys.executable, "-c", code, str(fpl), str(slide), str(out)], capture_output=True, text=True)
+        return run_fast_pipeline_stats(fpl, {"wsi": str(slide), "output": str(out)})
+    except FplError as err:
+        return {"error": str(err)}
     finally:
         fpl.unlink(missing_ok=True)
-    if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:

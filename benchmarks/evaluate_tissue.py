@@ -27,15 +27,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bridge.edits import dice  # noqa: E402
 from zoo.registry import load_registry, verified_weights  # noqa: E402
 from zoo.runner import OnnxModel, RunOptions, predict_slide  # noqa: E402
 from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled  # noqa: E402
 from zoo.tissue import otsu_saturation_mask, reference_labels  # noqa: E402
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
 
 
 def resize_mask(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

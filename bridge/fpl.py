@@ -199,7 +199,6 @@ def render_pipeline(
     blocks: list[Block] = []
     if variant == "fastpathology":
         blocks.append(Block("PipelineInputData", "WSI", ["Whole-slide image"]))
-    if variant == "fastpathology":
         classes = _quote(";".join(c.name for c in sorted(entry.classes, key=lambda c: c.index)))
         blocks.append(
             Block(

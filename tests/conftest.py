@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +124,3 @@ def tampered_registry(tmp_path: Path) -> Path:
         data[len(data) // 2] ^= 0xFF
         w.write_bytes(bytes(data))
     return dst / "registry.yaml"
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from zoo.errors import FplError
 
 _CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 import fast
 fast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)
 path, variables = sys.argv[1], json.loads(sys.argv[2])
@@ -23,7 +22,9 @@ t0 = time.perf_counter()
 p = fast.Pipeline(path, variables)
 p.parse()
 p.run()
-print("FAST_SECONDS", time.perf_counter() - t0)
+seconds = time.perf_counter() - t0
+peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("FAST_STATS", json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb}))
 """
 
 
@@ -36,13 +37,13 @@ def fast_available() -> str | None:
     return f"pyfast cannot be imported ({last}); install '.[fast]' and the Debian libraries in .ci/apt-packages.txt"
 
 
-def run_fast_pipeline(fpl: Path, variables: dict[str, str], timeout_s: float = 1800) -> float:
-    """Run ``fpl`` in FAST with ``@@variables@@``; return FAST's own seconds (parse + run).
+def run_fast_pipeline_stats(fpl: Path, variables: dict[str, str], timeout_s: float = 1800) -> dict[str, float]:
+    """Run ``fpl`` in FAST with ``@@variables@@``; return FAST's own ``seconds`` (parse + run)
+    and the child's ``peak_rss_mb``.
 
     Raises:
         FplError: FAST failed; the message carries its last error line.
     """
-    t0 = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-c", _CHILD, str(fpl), json.dumps(variables)],
         capture_output=True,
@@ -53,6 +54,11 @@ def run_fast_pipeline(fpl: Path, variables: dict[str, str], timeout_s: float = 1
         lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip() and "Test data" not in ln]
         raise FplError(f"{fpl}: FAST failed ({lines[-1] if lines else r.returncode}); check the pipeline attributes")
     for ln in r.stdout.splitlines():
-        if ln.startswith("FAST_SECONDS"):
-            return float(ln.split()[1])
-    return time.perf_counter() - t0
+        if ln.startswith("FAST_STATS "):
+            return dict(json.loads(ln.split(" ", 1)[1]))
+    raise FplError(f"{fpl}: FAST finished without reporting its statistics; check pyfast's installation")
+
+
+def run_fast_pipeline(fpl: Path, variables: dict[str, str], timeout_s: float = 1800) -> float:
+    """Run ``fpl`` in FAST (see :func:`run_fast_pipeline_stats`); return FAST's own seconds."""
+    return run_fast_pipeline_stats(fpl, variables, timeout_s)["seconds"]

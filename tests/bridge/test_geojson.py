@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon, shape
 
+from bridge.edits import dice
 from bridge.geojson import (
     ClassStyle,
     argb_to_rgb,
@@ -18,7 +19,7 @@ from bridge.geojson import (
     rasterize_annotations,
     read_qupath_geojson,
 )
-from tests.conftest import dice, shared
+from tests.conftest import shared
 from zoo.errors import GeoJSONError
 
 TISSUE = ClassStyle(1, "Tissue", (0, 160, 0))

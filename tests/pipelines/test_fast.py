@@ -10,7 +10,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tests.conftest import REPO, dice, run_zoo
+from bridge.edits import dice
+from tests.conftest import REPO, run_zoo
 from zoo.fastrun import fast_available, run_fast_pipeline
 from zoo.outputs import read_mask_tiff
 from zoo.registry import load_registry

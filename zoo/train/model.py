@@ -45,12 +45,9 @@ class ChannelAffine(nn.Module):
         return x * self.weight + self.bias
 
 
-#: Normalise single-channel maps too (Table 3 as printed)? See MultiResUNet.
-_NORM_SINGLE_CHANNEL = {"value": False}
-
-
-def _gn(channels: int) -> nn.Module:
-    if channels == 1 and not _NORM_SINGLE_CHANNEL["value"]:
+def _gn(channels: int, norm_single_channel: bool = False) -> nn.Module:
+    """GroupNorm; on a single channel an affine only, unless ``norm_single_channel`` (Table 3 as printed)."""
+    if channels == 1 and not norm_single_channel:
         return ChannelAffine(1)
     return nn.GroupNorm(min(8, channels), channels)
 
@@ -58,14 +55,14 @@ def _gn(channels: int) -> nn.Module:
 class ResidualBlock(nn.Module):
     """conv3x3-GN-LReLU-conv3x3-GN plus a 1x1 conv shortcut, then LReLU."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, norm_single_channel: bool = False) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(c_in, c_out, 3, padding=1),
-            _gn(c_out),
+            _gn(c_out, norm_single_channel),
             nn.LeakyReLU(0.01),
             nn.Conv2d(c_out, c_out, 3, padding=1),
-            _gn(c_out),
+            _gn(c_out, norm_single_channel),
         )
         self.shortcut = nn.Conv2d(c_in, c_out, 1)
         self.act = nn.LeakyReLU(0.01)
@@ -78,8 +75,12 @@ def _down(c: int) -> list[nn.Module]:
     return [nn.Conv2d(c, c, 4, stride=2, padding=1), _gn(c), nn.LeakyReLU(0.01)]
 
 
-def _up(c: int, act: bool = True) -> list[nn.Module]:
-    return [nn.ConvTranspose2d(c, c, 4, stride=2, padding=1), _gn(c), nn.LeakyReLU(0.01) if act else nn.Identity()]
+def _up(c: int, act: bool = True, norm_single_channel: bool = False) -> list[nn.Module]:
+    return [
+        nn.ConvTranspose2d(c, c, 4, stride=2, padding=1),
+        _gn(c, norm_single_channel),
+        nn.LeakyReLU(0.01) if act else nn.Identity(),
+    ]
 
 
 class MultiResUNet(nn.Module):
@@ -89,19 +90,22 @@ class MultiResUNet(nn.Module):
 
     def __init__(self, in_mode: Literal["grey", "rgb"] = "grey", norm_single_channel: bool = False) -> None:
         super().__init__()
-        _NORM_SINGLE_CHANNEL["value"] = norm_single_channel
         self.in_mode = in_mode
         c0 = 1 if in_mode == "grey" else 3
         if in_mode == "grey":
             self.register_buffer("luma", torch.tensor(LUMA_RGB, dtype=torch.float32).view(1, 3, 1, 1))
-        self.stem = nn.Sequential(nn.Conv2d(c0, 1, 4, stride=2, padding=1), _gn(1), nn.LeakyReLU(0.01))
+        self.stem = nn.Sequential(
+            nn.Conv2d(c0, 1, 4, stride=2, padding=1), _gn(1, norm_single_channel), nn.LeakyReLU(0.01)
+        )
         self.enc1 = nn.Sequential(ResidualBlock(1, 32), *_down(32))
         self.enc2 = nn.Sequential(ResidualBlock(32, 64), ResidualBlock(64, 64), *_down(64))
         self.enc3 = nn.Sequential(ResidualBlock(64, 128), ResidualBlock(128, 128), *_down(128))
         self.bottleneck = nn.Sequential(ResidualBlock(128, 128), ResidualBlock(128, 128), *_up(128))
         self.dec2 = nn.Sequential(ResidualBlock(128 + 64, 64), *_up(64))
         self.dec1 = nn.Sequential(ResidualBlock(64 + 32, 32), *_up(32))
-        self.dec0 = nn.Sequential(ResidualBlock(32 + 1, 1), *_up(1, act=False))
+        self.dec0 = nn.Sequential(
+            ResidualBlock(32 + 1, 1, norm_single_channel), *_up(1, act=False, norm_single_channel=norm_single_channel)
+        )
         self.head = nn.Conv2d(1, 1, 1)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:

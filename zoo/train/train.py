@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bridge.edits import dice
 from zoo.train.data import PatchSampler, Sample, build_datasets
 from zoo.train.model import MultiResUNet, ProbabilityModel, count_parameters
 
@@ -48,12 +49,6 @@ def tiled_predict(net: torch.nn.Module, img: np.ndarray, patch_px: int = 256, ov
                 acc[y : y + patch_px, x : x + patch_px] += o
                 cnt[y : y + patch_px, x : x + patch_px] += 1
     return (acc / np.maximum(cnt, 1))[:h, :w]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
 
 
 def evaluate(net: torch.nn.Module, samples: list[Sample]) -> dict[str, float]:
