@@ -6,12 +6,20 @@ For each resolution it runs, each in its own process (so peak RSS is its own):
 
 * ``zoo``   the runner (prefetch thread + batched ONNX Runtime + band stitching);
 * ``floor`` reading and decoding exactly the tiles the runner ran, no inference (the I/O limit);
+* ``infer`` ONNX Runtime alone on as many tiles as the runner ran, already in memory (the
+  compute limit; on a CPU, decoding and inference share the same cores, so the runner cannot
+  beat ``floor + infer`` by more than what the idle moments of each allow);
 * ``fast``  FAST (pyfast) running the model's kept ``pipelines/<model>_export.fpl`` at the same
-  magnification, overlap and patch size (FAST uses its own TissueSegmentation to skip glass).
+  magnification, overlap and patch size (tissue models are rendered without FAST's
+  TissueSegmentation gate, see bridge/fpl.py, so FAST runs every patch).
 
-It prints wall time, tiles/s, level-0 tissue megapixels/s, peak RSS and the ratios zoo/FAST and
-zoo/floor. ``--big`` first writes a ~255-megapixel pyramidal JPEG TIFF (a 4x4 mosaic of the TCGA
-slide, see make_big_slide.py) to show that memory stays bounded as slides grow.
+It prints wall time, tiles/s, level-0 tissue megapixels/s, peak RSS and the ratios zoo/FAST,
+zoo/floor and zoo/(floor + infer), plus the model's GFLOP per tile (counted from the ONNX graph)
+against this machine's measured single-precision matrix-multiply rate, so it is visible how close
+inference runs to the arithmetic limit of the hardware.
+
+``--big`` first writes a ~255-megapixel pyramidal JPEG TIFF (a 4x4 mosaic of the TCGA slide, see
+make_big_slide.py) to show that memory stays bounded as slides grow.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -34,7 +44,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int) -> dict[str, Any]:
+def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int, mode_arg: str = "") -> dict[str, Any]:
     from zoo.registry import load_registry, verified_weights
     from zoo.runner import OnnxModel, RunOptions, background_premask, predict_slide, tile_positions
     from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled
@@ -56,10 +66,24 @@ def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int) -> dict
                 "peak_rss_mb": _peak_rss_mb(),
                 "stats": pred.stats,
             }
-        # floor: same premask and tile list, read + decode only
         choice = choose_level(s, target_mpp=mpp)
         w, h = model_dimensions(s, choice)
         pw, ph = entry.input.patch_size_px
+        if mode == "infer":  # compute floor: the runner's tile count through ONNX Runtime, tiles in memory
+            m = OnnxModel(verified_weights(entry, reg), entry)
+            n_tiles = int(mode_arg)
+            xs, ys = tile_positions(w, pw, pw), tile_positions(h, ph, ph)
+            sample = [read_scaled(s, choice, x, y, pw, ph) for y in ys for x in xs][: 4 * batch]
+            x_in = m.preprocess(np.stack((sample * (4 * batch))[: 4 * batch]))
+            m.predict(x_in[:batch])  # warm-up
+            t = time.perf_counter()
+            done = 0
+            while done < n_tiles:
+                k = min(batch, n_tiles - done)
+                m.predict(x_in[(done % (4 * batch)) : (done % (4 * batch)) + k])
+                done += k
+            return {"seconds": time.perf_counter() - t, "tiles": n_tiles, "peak_rss_mb": _peak_rss_mb()}
+        # floor: same premask and tile list, read + decode only
         sx, sy = round(pw * (1 - entry.input.overlap)), round(ph * (1 - entry.input.overlap))
         t = time.perf_counter()
         pre, pre_ds = background_premask(s)
@@ -72,6 +96,43 @@ def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int) -> dict
                     read_scaled(s, choice, x, y, pw, ph)
                     n += 1
         return {"seconds": time.perf_counter() - t, "tiles": n, "peak_rss_mb": _peak_rss_mb()}
+
+
+def onnx_gflop_per_tile(path: Path, patch_px: tuple[int, int]) -> float:
+    """Multiply-adds x 2 of the Conv/ConvTranspose/MatMul nodes for one (1, C, H, W) tile, in GFLOP."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path))
+    inp = model.graph.input[0].type.tensor_type.shape.dim
+    inp[0].dim_value = 1
+    if len(inp) == 4 and not inp[2].dim_value:
+        inp[2].dim_value, inp[3].dim_value = patch_px[1], patch_px[0]
+    g = shape_inference.infer_shapes(model, data_prop=True).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*g.value_info, *g.input, *g.output]}
+    inits = {t.name: list(t.dims) for t in g.initializer}
+    macs = 0
+    for n in g.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+            continue
+        act = n.input[0] if n.op_type == "ConvTranspose" else n.output[0]
+        if not all(shapes.get(act, [0])) or n.input[1] not in inits:
+            raise ValueError(f"{path}: cannot infer the shapes around {n.op_type} {n.name!r}; FLOPs not counted")
+        k = inits[n.input[1]]  # Conv (Cout, Cin/g, kh, kw); ConvTranspose (Cin, Cout/g, kh, kw); MatMul (K, N)
+        trans_b = any(at.name == "transB" and at.i for at in n.attribute)
+        per_out = int(np.prod(k[1:])) if n.op_type.startswith("Conv") else k[1] if trans_b else k[0]
+        macs += int(np.prod(shapes[act])) * per_out
+    return 2 * macs / 1e9
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 8) -> float:
+    """This machine's float32 matrix-multiply rate (numpy's BLAS, all cores), GFLOP/s."""
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
 def run_child(*args: str) -> dict[str, Any]:
@@ -122,11 +183,11 @@ def main() -> int:
     ap.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_runner.json", help="JSON results"
     )
-    ap.add_argument("--child", nargs=5, metavar=("SLIDE", "MODEL", "MPP", "MODE", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        s, m, mpp, mode, batch = a.child
-        print(json.dumps(child_zoo(s, m, float(mpp), mode, int(batch))))
+        s, m, mpp, mode, batch, *rest = a.child
+        print(json.dumps(child_zoo(s, m, float(mpp), mode, int(batch), *rest)))
         return 0
     workdir = REPO / "benchmarks" / "results"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -135,17 +196,29 @@ def main() -> int:
         from make_big_slide import make_big_slide  # type: ignore[import-not-found]
 
         slide = make_big_slide(a.slide, workdir / "big_mosaic.tiff", 4)
+    from zoo.registry import load_registry, verified_weights
+
+    reg = load_registry()
+    entry = reg.get(a.model)
+    gflop_tile = onnx_gflop_per_tile(verified_weights(entry, reg), entry.input.patch_size_px)
+    peak = sgemm_gflops()
     rows = []
     for mpp in a.mpp:
         zoo = run_child(str(slide), a.model, str(mpp), "zoo", str(a.batch_size))
         floor = run_child(str(slide), a.model, str(mpp), "floor", str(a.batch_size))
+        infer = run_child(str(slide), a.model, str(mpp), "infer", str(a.batch_size), str(zoo["tiles"]))
         fast = {"error": "skipped"} if a.no_fast else run_fast(slide, a.model, mpp, workdir)
         row = {
             "slide": slide.name,
             "mpp": mpp,
             "zoo": zoo,
             "floor": floor,
+            "infer": infer,
             "fast": fast,
+            "gflop_per_tile": gflop_tile,
+            "sgemm_gflops": peak,
+            "infer_gflops": gflop_tile * infer["tiles"] / infer["seconds"],
+            "zoo_over_floor_plus_infer": zoo["seconds"] / (floor["seconds"] + infer["seconds"]),
             "zoo_tiles_per_s": zoo["tiles"] / zoo["seconds"],
             "zoo_tissue_mpx0_per_s": zoo["tissue_mpx0"] / zoo["seconds"],
             "zoo_over_floor": zoo["seconds"] / max(floor["seconds"], 1e-9),
@@ -155,12 +228,15 @@ def main() -> int:
         print(json.dumps(row), file=sys.stderr)
     a.out.write_text(json.dumps(rows, indent=1))
     providers = rows[0]["zoo"]["providers"]
-    print(f"slide: {slide.name}; model: {a.model}; CPU cores: {os.cpu_count()}; providers: {providers}")
     print(
-        "| µm/px | tiles | zoo s | tiles/s | tissue MPx(L0)/s | zoo RSS MB | floor s | zoo/floor | FAST s | "
-        "FAST RSS MB | zoo/FAST |"
+        f"slide: {slide.name}; model: {a.model} ({gflop_tile:.2f} GFLOP per tile); CPU cores: {os.cpu_count()}; "
+        f"providers: {providers}; machine sgemm: {peak:.0f} GFLOP/s"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| µm/px | tiles | zoo s | tiles/s | tissue MPx(L0)/s | zoo RSS MB | floor s | zoo/floor | infer s | "
+        "infer GFLOP/s | zoo/(floor+infer) | FAST s | FAST RSS MB | zoo/FAST |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r["fast"]
         fs = f"{f['seconds']:.2f}" if "seconds" in f else "n/a"
@@ -169,7 +245,8 @@ def main() -> int:
         print(
             f"| {r['mpp']:g} | {r['zoo']['tiles']} | {r['zoo']['seconds']:.2f} | {r['zoo_tiles_per_s']:.1f} | "
             f"{r['zoo_tissue_mpx0_per_s']:.1f} | {r['zoo']['peak_rss_mb']:.0f} | {r['floor']['seconds']:.2f} | "
-            f"{r['zoo_over_floor']:.2f} | {fs} | {frss} | {ratio} |"
+            f"{r['zoo_over_floor']:.2f} | {r['infer']['seconds']:.2f} | {r['infer_gflops']:.0f} | "
+            f"{r['zoo_over_floor_plus_infer']:.2f} | {fs} | {frss} | {ratio} |"
         )
     return 0
 

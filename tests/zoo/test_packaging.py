@@ -14,13 +14,13 @@ import pytest
 
 def _installed_files() -> list[str]:
     try:
-        files = metadata.files("pathology-zoo") or []
+        dist = metadata.distribution("pathology-zoo")
     except metadata.PackageNotFoundError:
         pytest.skip("pathology-zoo is not installed (run scripts/setup.sh or pip install .)")
-    names = [str(f) for f in files]
-    if not any(n.startswith("zoo/") for n in names):
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable"):
         pytest.skip("pathology-zoo is installed in editable mode; the wheel contents are not checked")
-    return names
+    return [str(f) for f in dist.files or []]
 
 
 def test_wheel_contains_package_data() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from zoo.errors import SlideOpenError, ZooError
-from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled, thumbnail
+from zoo.slide import box_reduce, choose_level, model_dimensions, open_slide, read_scaled, thumbnail
 
 
 @pytest.mark.parametrize("backend", ["openslide", "tifffile"])
@@ -102,6 +102,18 @@ def test_choose_level_by_resolution(tcga_slide: Path, cmu_slide: Path) -> None:
         assert (w, h) == (278, 371)
         tile = read_scaled(s, c, 100, 100, 64, 64)
         assert tile.shape == (64, 64, 3)
+        region = s.read_region((800, 800), 0, (512, 512))
+        assert np.array_equal(tile, box_reduce(region, 8))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4])
+def test_box_reduce_is_the_rounded_block_mean(factor: int) -> None:
+    img = np.random.default_rng(factor).integers(0, 256, (12 * factor, 8 * factor, 3), dtype=np.uint8)
+    sums = img.reshape(12, factor, 8, factor, 3).sum(axis=(1, 3), dtype=np.int64)
+    expected = (sums * 2 + factor * factor) // (2 * factor * factor)  # mean, rounded half up
+    got = box_reduce(img, factor)
+    assert got.dtype == np.uint8 and got.shape == (12, 8, 3)
+    assert np.array_equal(got, expected)
 
 
 def test_thumbnail_is_bounded(tcga_slide: Path) -> None:
