@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation in [0, 1] of an (H, W, 3) uint8 image."""
-    return rgb2hsv(rgb)[..., 1].astype(np.float32)
+    """HSV saturation in [0, 1] of an (H, W, 3) uint8 image: (max - min) / max, 0 on black.
+
+    The S channel of ``skimage.color.rgb2hsv`` without computing H and V (about 10x
+    faster; the runner's pre-mask calls it on every slide).
+    """
+    mx = rgb.max(axis=-1).astype(np.float64)
+    mn = rgb.min(axis=-1).astype(np.float64)
+    return np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0).astype(np.float32)
 
 
 def otsu_saturation_mask(rgb: np.ndarray, min_threshold: float = 0.05) -> np.ndarray:
