@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,13 @@ def cpu_int8_features() -> list[str]:
     return sorted({f for f in flags if f in wanted})
 
 
-def ms_per_tile(model: Any, batch: np.ndarray, repeats: int) -> float:
-    model.predict(batch)  # warm-up
+def ms_per_tile(run: Callable[[], object], n_tiles: int, repeats: int) -> float:
+    """Mean ms per tile of ``run()`` (one batch of ``n_tiles``) over ``repeats`` calls, after a warm-up."""
+    run()
     t = time.perf_counter()
     for _ in range(repeats):
-        model.predict(batch)
-    return (time.perf_counter() - t) / (repeats * len(batch)) * 1000.0
+        run()
+    return (time.perf_counter() - t) / (repeats * n_tiles) * 1000.0
 
 
 def session_option_sweep(path: Path, input_name: str, batch: np.ndarray, repeats: int) -> list[dict[str, Any]]:
@@ -62,11 +64,7 @@ def session_option_sweep(path: Path, input_name: str, batch: np.ndarray, repeats
             so.intra_op_num_threads = os.cpu_count() or 1
             so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            sess.run(None, {input_name: batch})
-            t = time.perf_counter()
-            for _ in range(repeats):
-                sess.run(None, {input_name: batch})
-            ms = (time.perf_counter() - t) / (repeats * len(batch)) * 1000.0
+            ms = ms_per_tile(lambda: sess.run(None, {input_name: batch}), len(batch), repeats)  # noqa: B023
             rows.append({"optimisation": level, "spinning": spinning == "1", "ms_per_tile": ms})
     return rows
 
@@ -98,9 +96,10 @@ def main() -> int:
     )
 
     from bridge.edits import dice
+    from zoo.cli import bundled_slide
     from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OnnxModel, RunOptions, predict_slide, tile_positions
-    from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled
+    from zoo.runner import OnnxModel, RunOptions, plan_tiles, predict_slide
+    from zoo.slide import open_slide, read_scaled
 
     reg = load_registry()
     entry = reg.get(a.model)
@@ -111,12 +110,11 @@ def main() -> int:
     pw, ph = entry.input.patch_size_px
     fp32 = OnnxModel(fp32_path, entry)
 
-    bundled = Path(__file__).resolve().parents[1] / "zoo" / "data" / "cmu-1-small-region.svs"
-    with open_slide(bundled) as s:
-        c = choose_level(s, target_mpp=a.mpp)
-        w, h = model_dimensions(s, c)
-        xs, ys = tile_positions(w, pw, pw // 2), tile_positions(h, ph, ph // 2)
-        tiles = [read_scaled(s, c, x, y, pw, ph) for y in ys for x in xs][: a.calibration_tiles]
+    bundled = bundled_slide()
+    with open_slide(bundled) as s:  # the runner's tissue tiles of the bundled slide
+        plan = plan_tiles(s, entry, RunOptions(target_mpp=a.mpp))
+        jobs = plan.jobs[: a.calibration_tiles]
+        tiles = [read_scaled(s, plan.choice, plan.xs[i], plan.ys[j], pw, ph) for j, i in jobs]
     calib = [fp32.preprocess(t[None]) for t in tiles]
     name = entry.input.input_name
 
@@ -147,8 +145,8 @@ def main() -> int:
         batch = np.concatenate((calib * a.batch_size)[: a.batch_size])
         sweep = session_option_sweep(fp32_path, name, batch, a.repeats)
         speed = {
-            "float32_ms_per_tile": ms_per_tile(fp32, batch, a.repeats),
-            "int8_ms_per_tile": ms_per_tile(int8, batch, a.repeats),
+            "float32_ms_per_tile": ms_per_tile(lambda: fp32.predict(batch), len(batch), a.repeats),
+            "int8_ms_per_tile": ms_per_tile(lambda: int8.predict(batch), len(batch), a.repeats),
         }
         opts = RunOptions(target_mpp=a.mpp, progress=False)
         with open_slide(a.slide) as s:

@@ -46,8 +46,8 @@ def _peak_rss_mb() -> float:
 
 def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int, mode_arg: str = "") -> dict[str, Any]:
     from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OnnxModel, RunOptions, background_premask, predict_slide, tile_positions
-    from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled
+    from zoo.runner import OnnxModel, RunOptions, plan_tiles, predict_slide
+    from zoo.slide import open_slide, read_scaled
 
     reg = load_registry()
     entry = reg.get(model)
@@ -66,36 +66,25 @@ def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int, mode_ar
                 "peak_rss_mb": _peak_rss_mb(),
                 "stats": pred.stats,
             }
-        choice = choose_level(s, target_mpp=mpp)
-        w, h = model_dimensions(s, choice)
         pw, ph = entry.input.patch_size_px
+        t = time.perf_counter()
+        plan = plan_tiles(s, entry, RunOptions(target_mpp=mpp))  # the runner's pre-mask and tile list
         if mode == "infer":  # compute floor: the runner's tile count through ONNX Runtime, tiles in memory
             m = OnnxModel(verified_weights(entry, reg), entry)
-            n_tiles = int(mode_arg)
-            xs, ys = tile_positions(w, pw, pw), tile_positions(h, ph, ph)
-            sample = [read_scaled(s, choice, x, y, pw, ph) for y in ys for x in xs][: 4 * batch]
-            x_in = m.preprocess(np.stack((sample * (4 * batch))[: 4 * batch]))
+            n_tiles, pool = int(mode_arg), 4 * batch
+            if not plan.jobs:  # all glass: nothing to infer
+                return {"seconds": 0.0, "tiles": 0, "peak_rss_mb": _peak_rss_mb()}
+            sample = [read_scaled(s, plan.choice, plan.xs[i], plan.ys[j], pw, ph) for j, i in plan.jobs[:pool]]
+            x_in = m.preprocess(np.stack([sample[k % len(sample)] for k in range(pool)]))
             m.predict(x_in[:batch])  # warm-up
             t = time.perf_counter()
-            done = 0
-            while done < n_tiles:
-                k = min(batch, n_tiles - done)
-                m.predict(x_in[(done % (4 * batch)) : (done % (4 * batch)) + k])
-                done += k
+            for done in range(0, n_tiles, batch):
+                m.predict(x_in[done % pool : done % pool + min(batch, n_tiles - done)])
             return {"seconds": time.perf_counter() - t, "tiles": n_tiles, "peak_rss_mb": _peak_rss_mb()}
-        # floor: same premask and tile list, read + decode only
-        sx, sy = round(pw * (1 - entry.input.overlap)), round(ph * (1 - entry.input.overlap))
-        t = time.perf_counter()
-        pre, pre_ds = background_premask(s)
-        scale = choice.downsample / pre_ds
-        n = 0
-        for y in tile_positions(h, ph, sy):
-            for x in tile_positions(w, pw, sx):
-                y0, x0 = int(y * scale), int(x * scale)
-                if pre[y0 : int((y + ph) * scale) + 1, x0 : int((x + pw) * scale) + 1].any():
-                    read_scaled(s, choice, x, y, pw, ph)
-                    n += 1
-        return {"seconds": time.perf_counter() - t, "tiles": n, "peak_rss_mb": _peak_rss_mb()}
+        # floor: pre-mask, then read + decode the planned tiles, no inference
+        for j, i in plan.jobs:
+            read_scaled(s, plan.choice, plan.xs[i], plan.ys[j], pw, ph)
+        return {"seconds": time.perf_counter() - t, "tiles": len(plan.jobs), "peak_rss_mb": _peak_rss_mb()}
 
 
 def onnx_gflop_per_tile(path: Path, patch_px: tuple[int, int]) -> float:

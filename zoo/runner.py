@@ -212,9 +212,31 @@ def _alloc_mask(shape: tuple[int, int], scratch: Path | None) -> np.ndarray:
     return mm
 
 
-def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
-    """Overlapping-tile inference with overlap averaging; see the module docstring."""
-    entry = model.entry
+@dataclass(frozen=True)
+class TilePlan:
+    """Which tiles a tiled model runs on a slide, in model pixels at ``choice``.
+
+    Attributes:
+        choice: pyramid level and extra downsampling.
+        width_px, height_px: slide size at ``choice``.
+        stride_px: (x, y) step between tiles (patch size less the overlap).
+        xs, ys: tile origins along x and y (overlapping, the last flush with the edge).
+        jobs: (row, column) indices into ``ys``/``xs`` of the tiles to run, row-major.
+        premask_s: seconds spent on the background pre-mask.
+    """
+
+    choice: LevelChoice
+    width_px: int
+    height_px: int
+    stride_px: tuple[int, int]
+    xs: list[int]
+    ys: list[int]
+    jobs: list[tuple[int, int]]
+    premask_s: float
+
+
+def plan_tiles(slide: Slide, entry: ModelEntry, opts: RunOptions) -> TilePlan:
+    """The level choice and the overlapping tiles to run, glass skipped by the thumbnail pre-mask."""
     spec = entry.input
     choice = choose_level(
         slide, target_mpp=opts.target_mpp or spec.target_mpp, level=opts.level, slide_mpp=opts.slide_mpp
@@ -223,9 +245,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
     pw, ph = spec.patch_size_px
     sx, sy = max(1, round(pw * (1 - spec.overlap))), max(1, round(ph * (1 - spec.overlap)))
     xs, ys = tile_positions(width, pw, sx), tile_positions(height, ph, sy)
-    n_cls = entry.output.channels
     t0 = time.perf_counter()
-
     keep: np.ndarray | None = None
     if opts.skip_background:
         pre, pre_ds = background_premask(slide)
@@ -236,8 +256,18 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
                 y0, x0 = int(y * scale), int(x * scale)
                 y1, x1 = math.ceil((y + ph) * scale), math.ceil((x + pw) * scale)
                 keep[j, i] = bool(pre[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].any())
-    t_pre = time.perf_counter() - t0
     jobs = [(j, i) for j in range(len(ys)) for i in range(len(xs)) if keep is None or keep[j, i]]
+    return TilePlan(choice, width, height, (sx, sy), xs, ys, jobs, time.perf_counter() - t0)
+
+
+def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
+    """Overlapping-tile inference with overlap averaging; see the module docstring."""
+    entry = model.entry
+    t0 = time.perf_counter()
+    plan = plan_tiles(slide, entry, opts)
+    choice, width, height, xs, ys, jobs = plan.choice, plan.width_px, plan.height_px, plan.xs, plan.ys, plan.jobs
+    pw, ph = entry.input.patch_size_px
+    n_cls = entry.output.channels
 
     mask = _alloc_mask((height, width), opts.scratch_dir)
     acc = np.zeros((n_cls, ph, width + pw), np.float32)  # band: rows [band_y, band_y + ph)
@@ -318,10 +348,10 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         "tiles_total": len(xs) * len(ys),
         "tiles_run": len(jobs),
         "tile_px": [pw, ph],
-        "stride_px": [sx, sy],
+        "stride_px": list(plan.stride_px),
         "model_dimensions_px": [width, height],
         "seconds_total": round(elapsed, 3),
-        "seconds_premask": round(t_pre, 3),
+        "seconds_premask": round(plan.premask_s, 3),
         "seconds_read_in_thread": round(read_s[0], 3),
         "seconds_inference": round(infer_s, 3),
     }

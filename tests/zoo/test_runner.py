@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from zoo.registry import load_registry, verified_weights
-from zoo.runner import OnnxModel, RunOptions, labels_from_probabilities, predict_slide
+from zoo.runner import OnnxModel, RunOptions, labels_from_probabilities, plan_tiles, predict_slide
 from zoo.slide import model_dimensions, open_slide, read_scaled
 
 PROVIDERS = [
@@ -74,6 +74,23 @@ def test_background_skipping_runs_fewer_tiles(darkness_registry: Path, kidney_sl
     assert skip.stats["tiles_run"] < 0.5 * full.stats["tiles_total"]
     # the tissue fragment itself is still found
     assert skip.mask.sum() > 0.5 * full.mask.sum()
+
+
+def test_plan_tiles_is_what_the_runner_runs(darkness_registry: Path, kidney_slide: Path) -> None:
+    """The benchmark's decode and compute floors read exactly the runner's tile plan."""
+    model = _model(darkness_registry)
+    with open_slide(kidney_slide) as slide:
+        for skip in (False, True):
+            opts = RunOptions(skip_background=skip, progress=False, level=0)
+            plan = plan_tiles(slide, model.entry, opts)
+            stats = predict_slide(slide, model, opts).stats
+            assert len(plan.jobs) == stats["tiles_run"]
+            assert len(plan.xs) * len(plan.ys) == stats["tiles_total"]
+            assert list(plan.stride_px) == stats["stride_px"]
+            assert (plan.width_px, plan.height_px) == tuple(stats["model_dimensions_px"])
+        pw, ph = model.entry.input.patch_size_px
+        assert plan.xs[0] == 0 and plan.xs[-1] == plan.width_px - pw
+        assert plan.ys[0] == 0 and plan.ys[-1] == plan.height_px - ph
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
