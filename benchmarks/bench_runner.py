@@ -57,7 +57,7 @@ def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int, mode_ar
             t = time.perf_counter()
             pred = predict_slide(s, m, RunOptions(target_mpp=mpp, progress=False, batch_size=batch))
             secs = time.perf_counter() - t
-            tissue_px0 = float((pred.mask > 0).sum()) * pred.downsample**2
+            tissue_px0 = float(pred.mask.class_counts()[1:].sum()) * pred.downsample**2
             return {
                 "seconds": secs,
                 "tiles": pred.stats["tiles_run"],

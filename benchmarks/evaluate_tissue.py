@@ -91,11 +91,11 @@ def evaluate_slides(data: Path, mpps: list[float]) -> list[dict[str, Any]]:
                 otsu = otsu_saturation_mask(img)
                 otsu_s = time.perf_counter() - t
                 ref = reference_labels(img)
-                m = pred.mask > 0
+                m = pred.mask.to_array() > 0
                 methods = {
                     "tissue-multires": (m, ours_s),
                     "otsu-saturation": (otsu, otsu_s),
-                    "peer-tissue-unet": (resize_mask(peer_pred.mask > 0, m.shape), peer_s),
+                    "peer-tissue-unet": (resize_mask(peer_pred.mask.to_array() > 0, m.shape), peer_s),
                 }
                 if fast_mask is not None:
                     methods["fast-TissueSegmentation"] = (resize_mask(fast_mask, m.shape), fast_s)

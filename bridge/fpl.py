@@ -18,8 +18,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zoo.errors import FplError
-from zoo.registry import ModelEntry, Registry, verified_weights
+from zoo.errors import FplError, OutputError
+from zoo.registry import ModelEntry, Registry, verified_model_files
 
 BLOCK_KINDS = ("ProcessObject", "Renderer", "View", "PipelineInputData", "PipelineOutputData")
 PARAM = re.compile(r"@@([A-Za-z0-9_.-]+)(?:=([^@]*))?@@")
@@ -281,21 +281,31 @@ def export_fast_folder(entry: ModelEntry, registry: Registry, dest: Path, engine
     (headless, ``@@wsi@@``/``@@output@@``), ``models/<name>.onnx`` (sha256-verified copy)
     and ``models/<name>.txt`` (FastPathology's legacy key:value model config).
     """
-    weights = verified_weights(entry, registry)
+    files = verified_model_files(entry, registry)
     check_exportable(entry)
-    (dest / "pipelines").mkdir(parents=True, exist_ok=True)
-    (dest / "models").mkdir(parents=True, exist_ok=True)
-    written = []
-    onnx_dest = dest / "models" / f"{entry.name}.onnx"
-    shutil.copyfile(weights, onnx_dest)
-    written.append(onnx_dest)
-    for variant, suffix in (("fastpathology", ""), ("export", "_export")):
-        p = dest / "pipelines" / f"{entry.name}{suffix}.fpl"
-        p.write_text(write_fpl(render_pipeline(entry, variant, engine)), encoding="utf-8")
-        written.append(p)
-    cfg = dest / "models" / f"{entry.name}.txt"
-    cfg.write_text(model_config_txt(entry, engine), encoding="utf-8")
-    written.append(cfg)
+    written: list[Path] = []
+    try:
+        (dest / "pipelines").mkdir(parents=True, exist_ok=True)
+        (dest / "models").mkdir(parents=True, exist_ok=True)
+        onnx_dest = dest / "models" / f"{entry.name}.onnx"
+        shutil.copyfile(files[0], onnx_dest)
+        written.append(onnx_dest)
+        for spec, src in zip(entry.weights.files, files[1:]):  # external data, at the path the ONNX file names
+            p = dest / "models" / spec.path
+            p.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, p)
+            written.append(p)
+        for variant, suffix in (("fastpathology", ""), ("export", "_export")):
+            p = dest / "pipelines" / f"{entry.name}{suffix}.fpl"
+            p.write_text(write_fpl(render_pipeline(entry, variant, engine)), encoding="utf-8")
+            written.append(p)
+        cfg = dest / "models" / f"{entry.name}.txt"
+        cfg.write_text(model_config_txt(entry, engine), encoding="utf-8")
+        written.append(cfg)
+    except OSError as err:
+        raise OutputError(
+            f"{dest}: cannot write the FastPathology folder ({err.strerror}); choose a writable folder"
+        ) from err
     return written
 
 

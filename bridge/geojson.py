@@ -30,6 +30,7 @@ from rasterio import features as rfeatures
 from shapely.geometry import MultiPolygon, Polygon, box, mapping, shape
 
 from zoo.errors import GeoJSONError
+from zoo.labelmask import RowSource, as_rows
 
 ObjectType = Literal["annotation", "detection"]
 
@@ -44,37 +45,81 @@ class ClassStyle:
 
 
 def mask_to_polygons(
-    mask: np.ndarray,
+    mask: np.ndarray | RowSource,
     downsample: float = 1.0,
     simplify_px: float = 0.0,
     min_area_px: float = 0.0,
     value: int | None = None,
+    values: Iterable[int] | None = None,
+    band_bytes: int = 16 << 20,
 ) -> dict[int, list[Polygon]]:
     """Vectorise a label mask into valid polygons with holes, per label value.
 
+    The mask is read in bands of rows (about ``band_bytes`` each), so memory follows the
+    band and the objects, not the mask. Each band is traced with 4-connectivity (pixels
+    touching only at a corner are separate objects, as in QuPath), which gives simple
+    polygons; only pieces that touch a band seam are merged with their neighbours across
+    it. Cost is linear in pixels and objects.
+
     Args:
-        mask: (height, width) integer labels; 0 is background.
+        mask: (height, width) integer labels (array or :class:`zoo.labelmask.LabelMask`); 0 is background.
         downsample: level-0 pixels per mask pixel (output coordinates are level-0 pixels).
         simplify_px: Douglas-Peucker tolerance in level-0 pixels (0: none); topology kept.
         min_area_px: drop polygons smaller than this area in level-0 pixels².
         value: vectorise only this label.
+        values: vectorise only these labels (default: every non-zero label).
 
     Returns:
         label value -> list of valid Polygons (never self-intersecting; slivers dropped).
     """
-    arr = np.asarray(mask)
-    m = np.ascontiguousarray(arr).astype(np.uint8 if int(arr.max(initial=0)) < 256 else np.int32)
-    sel = np.equal(m, value) if value is not None else np.greater(m, 0)
+    src = as_rows(mask)
+    h, w = src.shape
+    wanted = np.array(sorted({value} if value is not None else set(values or range(1, 256))), np.int64)
+    rows = max(1, band_bytes // max(1, w))
+    done: dict[int, list[Polygon]] = {}
+    seam: dict[int, list[Polygon]] = {}
+    min_area = max(min_area_px, 0.0)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        band = src.read_rows(y0, y1)
+        sel = np.isin(band, wanted)
+        if not sel.any():
+            continue
+        if band.dtype != np.uint8:
+            band = band.astype(np.int32)
+        transform = Affine.scale(downsample) @ Affine.translation(0, y0)
+        top, bottom = y0 * downsample, y1 * downsample
+        for geom, val in rfeatures.shapes(band, mask=sel, connectivity=4, transform=transform):
+            poly = shape(geom)
+            _, miny, _, maxy = poly.bounds
+            at_seam = (y0 > 0 and miny <= top) or (y1 < h and maxy >= bottom)
+            if at_seam:
+                seam.setdefault(int(val), []).append(poly)
+            elif poly.area > min_area:
+                done.setdefault(int(val), []).append(poly)
+    for val, pieces in seam.items():
+        done.setdefault(val, []).extend(p for p in _polygons_of(shapely.union_all(pieces)) if p.area > min_area)
     out: dict[int, list[Polygon]] = {}
-    transform = Affine.scale(downsample)
-    for geom, val in rfeatures.shapes(m, mask=sel, connectivity=8, transform=transform):
-        out.setdefault(int(val), []).append(shape(geom))
-    for val, polys in out.items():
-        merged = shapely.make_valid(shapely.union_all(polys))
+    for val, polys in done.items():
+        arr = np.array(polys, dtype=object)
+        bad = ~shapely.is_valid(arr)
+        if bad.any():  # a ring pinched at a corner: split into valid parts
+            arr = np.array(
+                [p for p, b in zip(polys, bad) for p in (_polygons_of(shapely.make_valid(p)) if b else [p])],
+                dtype=object,
+            )
         if simplify_px > 0:
-            merged = shapely.make_valid(merged.simplify(simplify_px, preserve_topology=True))
-        out[val] = [p for p in _polygons_of(merged) if p.area > max(min_area_px, 0.0) and p.is_valid]
-    return {k: v for k, v in out.items() if v}
+            arr = shapely.simplify(arr, simplify_px, preserve_topology=True)
+            bad = ~shapely.is_valid(arr)
+            if bad.any():
+                arr = np.array(
+                    [p for p, b in zip(arr, bad) for p in (_polygons_of(shapely.make_valid(p)) if b else [p])],
+                    dtype=object,
+                )
+        keep = [p for p in arr if isinstance(p, Polygon) and not p.is_empty and p.area > min_area]
+        if keep:
+            out[val] = keep
+    return dict(sorted(out.items()))
 
 
 def _polygons_of(geom: Any) -> list[Polygon]:
@@ -126,7 +171,7 @@ def _round_geometry(g: Mapping[str, Any], ndigits: int = 2) -> dict[str, Any]:
 
 
 def mask_to_feature_collection(
-    mask: np.ndarray,
+    mask: np.ndarray | RowSource,
     classes: Sequence[ClassStyle],
     downsample: float = 1.0,
     mpp0: float | None = None,
@@ -148,10 +193,14 @@ def mask_to_feature_collection(
         merge: one MultiPolygon feature per class instead of one feature per connected object.
     """
     px_per_um = 1.0 / mpp0 if mpp0 else 1.0
-    polys = mask_to_polygons(
-        mask, downsample, simplify_px=simplify_um * px_per_um, min_area_px=min_area_um2 * px_per_um**2
-    )
     by_index = {c.index: c for c in classes}
+    polys = mask_to_polygons(
+        mask,
+        downsample,
+        simplify_px=simplify_um * px_per_um,
+        min_area_px=min_area_um2 * px_per_um**2,
+        values=by_index,
+    )
     feats: list[dict[str, Any]] = []
     for val in sorted(polys):
         cls = by_index.get(val)

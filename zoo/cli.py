@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -20,9 +25,64 @@ def bundled_slide() -> Path:
     return Path(str(resources.files("zoo") / "data" / "cmu-1-small-region.svs"))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once, and none for flags or options whose default is 'not given'."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, True, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < v < math.inf):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number greater than 0")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 <= v < math.inf):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number, 0 or more")
+    return v
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{text} must be {lo} or more")
+        return v
+
+    return parse
+
+
+def class_mapping(text: str) -> tuple[str, str]:
+    """argparse type: ``NAME=CLASS``."""
+    name, sep, target = text.partition("=")
+    if not sep or not name or not target:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=CLASS (for example Tumor=Tissue or 'Region*=Tissue')")
+    return name, target
+
+
 def _print(obj: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(obj, indent=2, default=str))
+        _emit_json(obj)
     elif isinstance(obj, dict):
         for k, v in obj.items():
             print(f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
@@ -33,6 +93,13 @@ def _print(obj: Any, as_json: bool) -> None:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out", help="results folder (one sub-folder per slide)")
     p.add_argument(
+        "--on-bad-tile",
+        choices=["fail", "skip"],
+        default="fail",
+        help="a slide tile that cannot be decoded fails the slide, or (skip) is masked as unknown and "
+        "listed in run.json (tifffile reader only)",
+    )
+    p.add_argument(
         "--format",
         dest="formats",
         nargs="+",
@@ -40,48 +107,66 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=["tiff", "geojson"],
         help="outputs to write",
     )
-    p.add_argument("--mpp", type=float, default=None, help="run at this µm/px (default: the model's target_mpp)")
-    p.add_argument("--level", type=int, default=None, help="run on this pyramid level instead of --mpp")
+    p.add_argument(
+        "--mpp", type=positive_float, default=None, help="run at this µm/px (default: the model's target_mpp)"
+    )
+    p.add_argument("--level", type=int_at_least(0), default=None, help="run on this pyramid level instead of --mpp")
     p.add_argument(
         "--slide-mpp",
-        type=float,
+        type=positive_float,
         default=None,
-        help="level-0 µm/px to assume for slides without resolution metadata (default: from objective, else 0.5)",
+        help="level-0 µm/px of slides WITHOUT resolution metadata (default: from the objective power, else 0.5); "
+        "refused for slides that state another one, unless --force-slide-mpp",
+    )
+    p.add_argument(
+        "--force-slide-mpp",
+        action="store_true",
+        help="use --slide-mpp even for slides whose metadata states another resolution",
     )
     p.add_argument("--backend", choices=["auto", "openslide", "tifffile"], default="auto", help="slide reader")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per ONNX Runtime call")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="tiles per ONNX Runtime call")
     p.add_argument(
         "--providers",
         nargs="+",
         default=None,
         help="ONNX Runtime execution providers (default: CUDA if available, then CPU)",
     )
-    p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0: one per core)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="CPU inference threads (0: one per core)")
     p.add_argument(
-        "--no-skip-background",
+        "--all-tiles",
         dest="skip_background",
         action="store_false",
-        help="run every tile, also those the thumbnail pre-mask calls glass",
+        help="run every tile, also those the thumbnail pre-mask calls glass (default: glass is skipped)",
     )
-    p.add_argument("--simplify-um", type=float, default=2.0, help="polygon simplification tolerance in µm")
-    p.add_argument("--min-area-um2", type=float, default=500.0, help="drop objects smaller than this (µm²)")
+    p.add_argument("--simplify-um", type=nonneg_float, default=2.0, help="polygon simplification tolerance in µm")
+    p.add_argument("--min-area-um2", type=nonneg_float, default=500.0, help="drop objects smaller than this (µm²)")
     p.add_argument(
         "--object-type",
         choices=["annotation", "detection"],
         default="annotation",
         help="QuPath object type of the GeoJSON features",
     )
-    p.add_argument("--force", action="store_true", help="re-run slides that already have results for this model")
     p.add_argument(
-        "--workers", type=int, default=0, help="run slides on a local Dask cluster of N processes (0: no Dask)"
+        "--force",
+        action="store_true",
+        help="re-run slides whose results match the request (results are reused only when model, options "
+        "and slide are unchanged)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int_at_least(0),
+        default=0,
+        help="run slides on a local Dask cluster of N processes (0: no Dask; needs pip install '.[dask]')",
     )
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
-    p.add_argument("--json", action="store_true", help="print per-slide results as JSON on stdout")
+    p.add_argument(
+        "--json", action="store_true", help="print per-slide results as JSON on stdout (and nothing else there)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     ap = argparse.ArgumentParser(
         prog="zoo",
         description="Pathology model zoo: run registered WSI segmentation models "
@@ -128,14 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=None, help="classes from this model (default: the mask's, else the default model)"
     )
-    p.add_argument("--slide-mpp", type=float, default=None, help="level-0 µm/px if the mask has none")
-    p.add_argument("--simplify-um", type=float, default=2.0, help="polygon simplification tolerance in µm")
-    p.add_argument("--min-area-um2", type=float, default=500.0, help="drop objects smaller than this (µm²)")
+    p.add_argument("--slide-mpp", type=positive_float, default=None, help="level-0 µm/px if the mask has none")
+    p.add_argument("--simplify-um", type=nonneg_float, default=2.0, help="polygon simplification tolerance in µm")
+    p.add_argument("--min-area-um2", type=nonneg_float, default=500.0, help="drop objects smaller than this (µm²)")
     p.add_argument(
         "--object-type", choices=["annotation", "detection"], default="annotation", help="QuPath object type"
     )
     p.add_argument(
-        "--class-map", nargs="*", default=[], metavar="NAME=CLASS", help="map annotation class names onto model classes"
+        "--class-map",
+        nargs="*",
+        type=class_mapping,
+        default=[],
+        metavar="NAME=CLASS",
+        help="map annotation class names onto model classes",
     )
 
     p = sub.add_parser(
@@ -149,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class-map",
         nargs="*",
+        type=class_mapping,
         default=[],
         metavar="NAME=CLASS",
         help="map edited class names onto model classes, e.g. Region*=Tissue",
@@ -180,14 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _class_map(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise SystemExit(2)
-        k, v = it.split("=", 1)
-        out[k] = v
-    return out
+def _class_map(items: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(items)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -248,9 +333,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
-    from zoo.jobs import JobConfig, expand_slides, run_many, run_many_dask
-    from zoo.registry import load_registry
-    from zoo.runner import RunOptions
+    from zoo.jobs import JobConfig, JobResult, check_writable, expand_slides, run_many, run_many_dask
+    from zoo.registry import load_registry, verified_model_files
+    from zoo.runner import RunOptions, check_providers
 
     reg = load_registry(args.registry)
     model = getattr(args, "model", None) or reg.default_model
@@ -259,10 +344,15 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
     if not paths:
         print(f"error: no slides found in {args.slides}; pass slide files, a folder or a quoted glob", file=sys.stderr)
         return 1
+    if args.providers:
+        check_providers(args.providers)
+    verified_model_files(entry, reg)  # a tampered model fails once, before any output
+    check_writable(args.out)  # before any inference
     run = RunOptions(
         target_mpp=args.mpp,
         level=args.level,
         slide_mpp=args.slide_mpp,
+        force_slide_mpp=args.force_slide_mpp,
         batch_size=args.batch_size,
         providers=args.providers,
         threads=args.threads,
@@ -280,17 +370,33 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         min_area_um2=args.min_area_um2,
         object_type=args.object_type,
         force=args.force,
+        on_bad_tile=args.on_bad_tile,
     )
-    if args.workers or args.scheduler:
-        results = run_many_dask(paths, cfg, scheduler=args.scheduler, workers=max(1, args.workers))
-    else:
-        results = run_many(paths, cfg)
-    if args.json:
-        _print([asdict(r) for r in results], True)
-    for r in results:
+
+    def note(msg: str) -> None:
+        print(f"note: {msg}", file=sys.stderr)
+
+    def report(k: int, r: JobResult) -> None:  # one line per slide, as it finishes
+        where = f"[{k + 1}/{len(paths)}]"
         if r.status == "failed":
-            print(f"error: {r.error}", file=sys.stderr)
-        elif not args.json:
+            print(f"error: {where} {r.error}", file=sys.stderr)
+            return
+        if r.status == "ok" and r.summary.get("slide_mpp_source") in ("assumed default", "objective power"):
+            mpp = r.summary.get("level", {}).get("slide_mpp")
+            print(
+                f"warning: {where} {r.slide} has no resolution metadata; assumed {mpp:g} µm/px at level 0 "
+                f"({r.summary['slide_mpp_source']}); pass --slide-mpp if that is wrong",
+                file=sys.stderr,
+            )
+        if r.status == "ok" and r.summary.get("bad_tiles"):
+            print(
+                f"warning: {where} {r.slide}: {r.summary['bad_tiles']} undecodable tile(s) masked as unknown "
+                "(listed in run.json)",
+                file=sys.stderr,
+            )
+        if args.json:
+            return
+        if r.status == "ok":
             areas = ", ".join(
                 f"{k} {v['area_mm2']:.3f} mm² ({v['fraction']:.1%})"
                 if v["area_mm2"] is not None
@@ -298,7 +404,16 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
                 for k, v in r.summary.get("classes", {}).items()
                 if k.lower() != "background"
             )
-            print(f"{r.status}: {r.slide} -> {r.out}: {areas if r.status == 'ok' else r.summary.get('reason', '')}")
+            print(f"{where} ok: {r.slide} -> {r.out}: {areas}", flush=True)
+        else:
+            print(f"{where} {r.status}: {r.slide} -> {r.out}: {r.summary.get('reason', '')}", flush=True)
+
+    if args.workers or args.scheduler:
+        results = run_many_dask(paths, cfg, scheduler=args.scheduler, workers=max(1, args.workers), on_result=report)
+    else:
+        results = run_many(paths, cfg, on_result=report, on_message=note)
+    if args.json:
+        _emit_json([asdict(r) for r in results])
     failed = sum(r.status == "failed" for r in results)
     if failed and len(results) > 1:
         print(f"{failed} of {len(results)} slides failed", file=sys.stderr)
@@ -413,39 +528,91 @@ def cmd_qupath_project(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Where JSON for machines goes when --json is given (the real stdout; see _json_stdout).
+_JSON_OUT: list[Any] = []
+
+
+def _emit_json(obj: Any) -> None:
+    out = _JSON_OUT[-1] if _JSON_OUT else sys.stdout
+    out.write(json.dumps(obj, indent=2, default=str) + "\n")
+    out.flush()
+
+
+@contextlib.contextmanager
+def _json_stdout(enabled: bool) -> Iterator[None]:
+    """With --json, everything else that writes to stdout (libraries' C code included) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    try:
+        on_fd1 = sys.stdout.fileno() == 1
+    except (OSError, ValueError, AttributeError):  # replaced stdout (tests, notebooks): Python-level only
+        on_fd1 = False
+    if not on_fd1:
+        _JSON_OUT.append(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                yield
+        finally:
+            _JSON_OUT.pop()
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    real = os.fdopen(saved, "w", encoding="utf-8", closefd=True)
+    os.dup2(2, 1)
+    _JSON_OUT.append(real)
+    try:
+        yield
+    finally:
+        _JSON_OUT.pop()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        real.close()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial results are removed on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cmd == "demo":
+        args.model = None
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "list": cmd_list,
+        "info": cmd_info,
+        "verify": cmd_verify,
+        "inspect": cmd_inspect,
+        "run": cmd_run,
+        "demo": lambda a: cmd_run(a, slides=[str(bundled_slide())]),
+        "convert": cmd_convert,
+        "edits": cmd_edits,
+        "export": cmd_export,
+        "qupath-project": cmd_qupath_project,
+    }
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # not in the main thread (tests): keep the default
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.cmd == "list":
-            return cmd_list(args)
-        if args.cmd == "info":
-            return cmd_info(args)
-        if args.cmd == "verify":
-            return cmd_verify(args)
-        if args.cmd == "inspect":
-            return cmd_inspect(args)
-        if args.cmd == "run":
-            return cmd_run(args)
-        if args.cmd == "demo":
-            args.model = None
-            return cmd_run(args, slides=[str(bundled_slide())])
-        if args.cmd == "convert":
-            return cmd_convert(args)
-        if args.cmd == "edits":
-            return cmd_edits(args)
-        if args.cmd == "export":
-            return cmd_export(args)
-        if args.cmd == "qupath-project":
-            return cmd_qupath_project(args)
+        with _json_stdout(getattr(args, "json", False)):
+            return commands[args.cmd](args)
     except ZooError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 1
-    parser.error(f"unknown command {args.cmd}")
-    return 2
+        print("interrupted: partial results were removed; run the same command again to finish", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: partial results were removed; run the same command again to finish", file=sys.stderr)
+        return 143
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,22 @@ class SlideOpenError(ZooError, OSError):
     reason: str = ""
 
 
+class BadTileError(SlideOpenError):
+    """A slide tile cannot be decoded (damaged data, or a decoder warning such as "Corrupt JPEG data")."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SlideLevelError(ZooError, ValueError):
+    """A requested pyramid level or resolution does not exist for a slide."""
+
+
+class SlideMppConflictError(ZooError, ValueError):
+    """``--slide-mpp`` contradicts the resolution the slide file states."""
+
+
 class OutputError(ZooError, OSError):
     """An output path cannot be written."""
 
@@ -50,6 +66,14 @@ class GeoJSONError(ZooError, ValueError):
 
 class FplError(ZooError, ValueError):
     """A FAST text pipeline cannot be parsed or a model cannot be exported to FAST."""
+
+
+class ProviderError(ZooError, RuntimeError):
+    """An inference provider or device that was asked for is not available on this machine."""
+
+
+class DependencyError(ZooError, ImportError):
+    """An optional dependency (an extra) is not installed; the message names the pip command."""
 
 
 class QuPathUnavailableError(ZooError, ImportError):

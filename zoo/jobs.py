@@ -1,34 +1,58 @@
 """One slide in, a folder of results out; many slides, locally or on Dask.
 
-A slide's results go to ``<out>/<slide stem>/``: ``mask.tiff`` (pyramidal label
-mask), ``annotations.geojson`` (QuPath) and ``run.json`` (provenance). They are
-built in a hidden temporary folder and renamed into place only when complete, so a
-failure never leaves partial output.
+Safety rules, each tested in ``tests/zoo/test_jobs.py``:
+
+* A slide's results go to ``<out>/<name>/`` where ``name`` is the slide's file stem
+  made safe (letters, digits, ``._-``; no leading dot; at most 80 characters; never
+  ``.``/``..``), so no path derived from a slide name can leave ``--out``. Slides whose
+  safe names collide within a batch (``a/s.svs`` and ``b/s.svs``, ``case1.svs`` and
+  ``case1.tif``, names differing only in case), or whose folder already holds another
+  slide's results, get ``<name>-<8 hex digits of the slide's resolved path>``.
+* Results are built in a hidden ``.<name>.XXXXXXXX.partial`` folder (marked as zoo's own)
+  and moved into place when complete. A folder that exists already is only written into
+  when its ``run.json`` says it holds this slide's results; then only the files this run
+  writes are replaced, ``run.json`` last. Nothing else is ever deleted or overwritten.
+* One lock per result folder (``<out>/.<name>.zoo-lock`` while it is held): concurrent runs on
+  the same slide wait for each other; the holder removes stale partial folders of that
+  name left by a killed run.
+* A result is reused (``skipped``) only when its ``run.json`` records the same request
+  (model and its sha256, resolution options, formats, vectorisation options), the same
+  slide (path, size, modification time) and every expected output still exists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import glob
+import hashlib
 import json
+import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from zoo import __version__
 from zoo.errors import OutputError, ZooError
-from zoo.registry import ModelEntry, Registry, load_registry, verified_weights
+from zoo.registry import ModelEntry, Registry, load_registry, verified_model_files
 from zoo.runner import RunOptions
 from zoo.slide import open_slide
 
 FORMATS = ("tiff", "geojson")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".btf")
+#: Files a result folder may hold that zoo writes (only these are ever replaced).
+RESULT_FILES = {"tiff": "mask.tiff", "geojson": "annotations.geojson"}
+MAX_NAME_CHARS = 80
+PARTIAL_MARKER = ".zoo-partial"
 
 
 @dataclass
@@ -45,6 +69,7 @@ class JobConfig:
     min_area_um2: float = 500.0
     object_type: str = "annotation"
     force: bool = False
+    on_bad_tile: str = "fail"
 
 
 @dataclass
@@ -62,19 +87,25 @@ def expand_slides(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir() and p.suffix.lower() != ".mrxs":
-            found.extend(sorted(c for c in p.iterdir() if c.suffix.lower() in SLIDE_SUFFIXES))
-        elif any(ch in item for ch in "*?["):
+            found.extend(sorted(c for c in p.iterdir() if c.suffix.lower() in SLIDE_SUFFIXES and not c.is_dir()))
+        elif any(ch in item for ch in "*?[") and not p.exists():
             found.extend(Path(m) for m in sorted(glob.glob(item)))
         else:
             found.append(p)
     seen: set[Path] = set()
-    return [p for p in found if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+    out = []
+    for p in found:
+        key = _resolved(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
 
 
 def versions() -> dict[str, str]:
     """Versions of the libraries a result depends on."""
     out = {"zoo": __version__, "python": platform.python_version()}
-    for mod in ("numpy", "onnxruntime", "openslide", "tifffile", "rasterio", "shapely"):
+    for mod in ("numpy", "onnxruntime", "openslide", "tifffile", "simplejpeg", "rasterio", "shapely"):
         try:
             m = __import__(mod)
             out[mod] = str(getattr(m, "__version__", "?"))
@@ -89,47 +120,245 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _result_dir(cfg: JobConfig, slide: Path) -> Path:
-    return Path(cfg.out_dir) / slide.stem
+# --------------------------------------------------------------------------- result folder names
 
 
-def _done(cfg: JobConfig, slide: Path, entry: ModelEntry) -> bool:
-    rj = _result_dir(cfg, slide) / "run.json"
+def _resolved(p: Path) -> Path:
     try:
-        return json.loads(rj.read_text()).get("model", {}).get("id") == entry.id
-    except (OSError, json.JSONDecodeError):
-        return False
+        return p.resolve()
+    except (OSError, RuntimeError):
+        return p.absolute()
 
 
-def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None = None) -> JobResult:
+def safe_name(stem: str) -> str:
+    """A result folder name from a slide's file stem: ``[A-Za-z0-9._-]``, no leading dot, never empty."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".")
+    name = name[:MAX_NAME_CHARS].rstrip(".")
+    return name or "slide"
+
+
+def slide_tag(slide: Path) -> str:
+    """8 hex digits of the slide's resolved path (disambiguates colliding names, deterministically)."""
+    return hashlib.sha256(str(_resolved(slide)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _owner(folder: Path) -> str | None:
+    """The resolved slide path whose results ``folder`` holds (from its run.json), else None."""
+    try:
+        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    src = info.get("source", {}).get("resolved_path") if isinstance(info, dict) else None
+    return src if isinstance(src, str) else None
+
+
+def result_dirs(slides: Sequence[Path], out_dir: str | Path) -> dict[Path, Path]:
+    """Each slide's result folder inside ``out_dir`` (see the module docstring for the rules)."""
+    out = Path(out_dir)
+    groups: dict[str, set[Path]] = {}
+    for s in slides:
+        groups.setdefault(safe_name(s.stem).casefold(), set()).add(_resolved(s))
+    dirs: dict[Path, Path] = {}
+    for s in slides:
+        base = safe_name(s.stem)
+        plain = out / base
+        owner = _owner(plain) if plain.exists() else None
+        shared = len(groups[base.casefold()]) > 1
+        taken = plain.exists() and owner != str(_resolved(s))
+        name = f"{base[: MAX_NAME_CHARS - 9]}-{slide_tag(s)}" if shared or taken else base
+        dest = out / name
+        if _resolved(dest).parent != _resolved(out):  # cannot happen with safe_name; never trust it blindly
+            raise OutputError(f"{s}: result folder {dest} would leave {out}; rename the slide")
+        dirs[s] = dest
+    return dirs
+
+
+# --------------------------------------------------------------------------- locking and leftovers
+
+
+@contextlib.contextmanager
+def result_lock(dest: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock of result folder ``dest`` (waits for another zoo process holding it).
+
+    The lock is ``<out>/.<name>.zoo-lock``, removed on release; a waiter that wakes on a
+    lock file that was removed meanwhile opens the new one (so two holders never coexist).
+    """
+    path = dest.parent / f".{dest.name}.zoo-lock"
+    told = False
+    while True:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        except OSError as err:
+            raise OutputError(
+                f"{dest.parent}: cannot write results here ({err.strerror}); choose a writable --out folder"
+            ) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait and not told:
+                on_wait(f"{dest}: another zoo process is writing these results; waiting for it")
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        mine = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def remove_stale_partials(dest: Path) -> int:
+    """Remove partial folders of ``dest`` left by a killed run (call with its lock held); return how many."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.[A-Za-z0-9_]{{8}}\.partial$")
+    n = 0
+    with contextlib.suppress(OSError):
+        for p in dest.parent.iterdir():
+            if pattern.match(p.name) and p.is_dir() and not p.is_symlink() and (p / PARTIAL_MARKER).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Fail early (before any inference) if results cannot be written to ``out_dir``."""
+    out = Path(out_dir)
+    try:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: --out is a file, not a folder; choose a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".zoo-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(name)
+    except OutputError:
+        raise
+    except OSError as err:
+        raise OutputError(f"{out}: cannot write results here ({err.strerror}); choose a writable --out folder") from err
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def slide_identity(slide: Path) -> dict[str, Any]:
+    """What identifies a slide's content cheaply: resolved path, size and modification time."""
+    st = slide.stat()
+    return {"resolved_path": str(_resolved(slide)), "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def request_of(cfg: JobConfig, entry: ModelEntry) -> dict[str, Any]:
+    """The options that change a result (not speed options such as threads or batch size)."""
+    r = cfg.run
+    return {
+        "model": entry.id,
+        "sha256": entry.weights.sha256,
+        "target_mpp": r.target_mpp,
+        "level": r.level,
+        "slide_mpp": r.slide_mpp,
+        "force_slide_mpp": r.force_slide_mpp,
+        "skip_background": r.skip_background,
+        "formats": sorted(cfg.formats),
+        "simplify_um": cfg.simplify_um,
+        "min_area_um2": cfg.min_area_um2,
+        "object_type": cfg.object_type,
+        "on_bad_tile": cfg.on_bad_tile,
+    }
+
+
+def reuse_reason(dest: Path, slide: Path, cfg: JobConfig, entry: ModelEntry) -> tuple[bool, str]:
+    """(True, why) when ``dest`` holds results of exactly this request on this slide; else (False, why not)."""
+    try:
+        info = json.loads((dest / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False, "no previous result"
+    if not isinstance(info, dict):
+        return False, "previous run.json is not readable"
+    old_req, new_req = info.get("request") or {}, request_of(cfg, entry)
+    changed = sorted(k for k in new_req if old_req.get(k) != new_req[k])
+    if changed:
+        return False, "options changed: " + ", ".join(f"{k} {old_req.get(k)!r} -> {new_req[k]!r}" for k in changed)
+    old_src, new_src = info.get("source") or {}, slide_identity(slide)
+    if old_src != new_src:
+        return False, "the slide file changed (size or modification time)"
+    missing = [n for f, n in RESULT_FILES.items() if f in cfg.formats and not (dest / n).is_file()]
+    if missing:
+        return False, f"{', '.join(missing)} missing"
+    return True, f"already done with {entry.id} and the same options"
+
+
+# --------------------------------------------------------------------------- one slide
+
+
+def run_slide(
+    slide_path: str | Path,
+    cfg: JobConfig,
+    registry: Registry | None = None,
+    dest: Path | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> JobResult:
     """Run ``cfg.model`` on one slide and write its results folder.
+
+    Args:
+        dest: result folder (default: from :func:`result_dirs` for this slide alone).
+        on_message: called with one-line notices (waiting for a lock, stale partials removed).
 
     Raises:
         ZooError: on bad input (missing/corrupt slide, unknown model, checksum, output).
     """
-    from bridge.geojson import ClassStyle, mask_to_feature_collection
-    from zoo.outputs import current_umask, write_json, write_mask_tiff
-    from zoo.runner import OnnxModel, predict_slide
-
     slide_path = Path(slide_path)
     reg = registry or load_registry(cfg.registry_path)
     entry = reg.get(cfg.model)
-    dest = _result_dir(cfg, slide_path)
-    if not cfg.force and _done(cfg, slide_path, entry):
-        return JobResult(str(slide_path), "skipped", str(dest), summary={"reason": f"already done with {entry.id}"})
-    weights = verified_weights(entry, reg)
+    dest = dest or result_dirs([slide_path], cfg.out_dir)[slide_path]
+    if not slide_path.is_file():
+        from zoo.errors import SlideOpenError
+
+        what = "is a folder, not a slide" if slide_path.is_dir() else "no such file"
+        raise SlideOpenError(f"{slide_path}: {what}; check the path")
+    with result_lock(dest, on_message):
+        removed = remove_stale_partials(dest)
+        if removed and on_message:
+            on_message(f"{dest}: removed {removed} partial result folder(s) left by an interrupted run")
+        if dest.exists() and _owner(dest) not in (None, str(_resolved(slide_path))):
+            raise OutputError(f"{dest}: holds another slide's results; choose another --out")
+        if dest.exists() and not (dest / "run.json").exists() and any(dest.iterdir()):
+            raise OutputError(f"{dest}: exists and was not written by zoo; move it away or choose another --out")
+        reuse, why = reuse_reason(dest, slide_path, cfg, entry)
+        if reuse and not cfg.force:
+            return JobResult(str(slide_path), "skipped", str(dest), summary={"reason": why})
+        return _run_locked(slide_path, cfg, reg, entry, dest, rerun_reason=None if cfg.force else why)
+
+
+def _run_locked(
+    slide_path: Path, cfg: JobConfig, reg: Registry, entry: ModelEntry, dest: Path, rerun_reason: str | None
+) -> JobResult:
+    from bridge.geojson import ClassStyle, mask_to_feature_collection
+    from zoo.labelmask import UNKNOWN_LABEL
+    from zoo.outputs import current_umask, write_json, write_mask_tiff
+    from zoo.runner import OnnxModel, predict_slide
+
+    files = verified_model_files(entry, reg)
+    identity = slide_identity(slide_path)
     t0 = time.perf_counter()
-    with open_slide(slide_path, backend=cfg.backend) as slide:  # type: ignore[arg-type]
-        model = OnnxModel(weights, entry, cfg.run.providers, cfg.run.threads)
+    with open_slide(slide_path, backend=cfg.backend, on_bad_tile=cfg.on_bad_tile) as slide:  # type: ignore[arg-type]
+        model = OnnxModel(files[0], entry, cfg.run.providers, cfg.run.threads)
         pred = predict_slide(slide, model, cfg.run)
         slide_info = slide.describe()
-        mpp0 = cfg.run.slide_mpp or slide.mpp
-        mpp0_assumed = pred.choice.mpp_assumed if pred.choice else mpp0 is None
-        if mpp0 is None and pred.choice is not None:
-            mpp0 = pred.choice.mpp / pred.choice.downsample
+    choice = pred.choice
+    mpp0 = choice.mpp0 if choice else (slide_info["mpp"] or cfg.run.slide_mpp)
+    mpp_source = choice.mpp_source if choice else ("file" if slide_info["mpp"] else "--slide-mpp")
+    mpp0_assumed = mpp_source in ("assumed default", "objective power")
     classes = [ClassStyle(c.index, c.name, tuple(c.color)) for c in entry.classes]  # type: ignore[arg-type]
     fractions = pred.class_fractions()
     mask_mpp = None if mpp0 is None else mpp0 * pred.downsample
+    styles = [*entry.classes]
     areas = {
         c.name: {
             "fraction": round(float(fractions.get(c.index, 0.0)), 5),
@@ -137,16 +366,15 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
             if mask_mpp is None
             else round(float(fractions.get(c.index, 0.0)) * pred.mask.size * mask_mpp**2 / 1e6, 4),
         }
-        for c in entry.classes
+        for c in styles
     }
-    tmp_parent = dest.parent
-    try:
-        tmp_parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=tmp_parent))
-    except OSError as err:
-        raise OutputError(
-            f"{tmp_parent}: cannot write results here ({err.strerror}); choose a writable --out folder"
-        ) from err
+    if fractions.get(UNKNOWN_LABEL):
+        f = float(fractions[UNKNOWN_LABEL])
+        areas["Unknown (undecodable tiles)"] = {
+            "fraction": round(f, 5),
+            "area_mm2": None if mask_mpp is None else round(f * pred.mask.size * mask_mpp**2 / 1e6, 4),
+        }
+    work = _make_partial(dest)
     try:
         outputs: dict[str, str] = {}
         meta = {
@@ -157,14 +385,17 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
             "slide": str(slide_path),
         }
         if "tiff" in cfg.formats:
+            cmap = {c.index: tuple(c.color) for c in entry.classes}
+            if pred.stats.get("bad_tiles"):
+                cmap[UNKNOWN_LABEL] = (128, 128, 128)
             write_mask_tiff(
-                work / "mask.tiff",
+                work / RESULT_FILES["tiff"],
                 pred.mask,
                 mask_mpp,
-                colormap={c.index: tuple(c.color) for c in entry.classes},  # type: ignore[misc]
+                colormap=cmap,  # type: ignore[arg-type]
                 description=json.dumps(meta),
             )
-            outputs["mask"] = "mask.tiff"
+            outputs["mask"] = RESULT_FILES["tiff"]
         if "geojson" in cfg.formats:
             fc = mask_to_feature_collection(
                 pred.mask,
@@ -175,28 +406,34 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
                 min_area_um2=cfg.min_area_um2,
                 object_type=cfg.object_type,  # type: ignore[arg-type]
             )
-            write_json(work / "annotations.geojson", fc)
-            outputs["geojson"] = "annotations.geojson"
+            write_json(work / RESULT_FILES["geojson"], fc)
+            outputs["geojson"] = RESULT_FILES["geojson"]
             outputs["geojson_features"] = str(len(fc["features"]))
         run_info = {
             "zoo_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv,
             "arguments": asdict(cfg),
+            "request": request_of(cfg, entry),
+            "source": identity,
+            "rerun_reason": rerun_reason,
             "versions": versions(),
             "model": {
                 "id": entry.id,
                 "sha256": entry.weights.sha256,
-                "weights": str(weights),
+                "files": [{"path": str(p), "sha256": s} for p, s in zip(files, entry.pinned_sha256())],
+                "weights": str(files[0]),
                 "licence": entry.licence,
             },
             "providers": model.providers,
             "slide": slide_info,
             "resolution": {
-                "level": pred.choice.level if pred.choice else None,
-                "extra_downsample": pred.choice.factor if pred.choice else None,
+                "level": choice.level if choice else None,
+                "extra_downsample": choice.factor if choice else None,
                 "mask_downsample": pred.downsample,
                 "mask_mpp": mask_mpp,
+                "slide_mpp": mpp0,
+                "slide_mpp_source": mpp_source,
                 "slide_mpp_assumed": mpp0_assumed,
             },
             "classes": areas,
@@ -205,55 +442,143 @@ def run_slide(slide_path: str | Path, cfg: JobConfig, registry: Registry | None 
             "outputs": outputs,
         }
         write_json(work / "run.json", run_info)
-        work.chmod(0o777 & ~current_umask())
-        if dest.exists():
-            shutil.rmtree(dest)
-        work.rename(dest)
+        _publish(work, dest, current_umask())
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
-    summary = {"model": entry.id, "classes": areas, "seconds": run_info["seconds"], "level": run_info["resolution"]}
+        pred.mask.close()
+    summary = {
+        "model": entry.id,
+        "classes": areas,
+        "seconds": run_info["seconds"],
+        "level": run_info["resolution"],
+        "slide_mpp_source": mpp_source,
+        "bad_tiles": len(pred.stats.get("bad_tiles", [])),
+        "rerun_reason": rerun_reason,
+    }
     return JobResult(str(slide_path), "ok", str(dest), summary=summary)
 
 
-def run_slide_safe(slide_path: str | Path, cfg: JobConfig) -> JobResult:
+def _make_partial(dest: Path) -> Path:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        (work / PARTIAL_MARKER).write_text(f"{os.getpid()}\n", encoding="utf-8")
+    except OSError as err:
+        raise OutputError(
+            f"{dest.parent}: cannot write results here ({err.strerror}); choose a writable --out folder"
+        ) from err
+    return work
+
+
+def _publish(work: Path, dest: Path, umask: int) -> None:
+    """Move a finished partial folder into place; into an existing own folder file by file, run.json last."""
+    (work / PARTIAL_MARKER).unlink()
+    try:
+        if not dest.exists():
+            work.chmod(0o777 & ~umask)
+            work.rename(dest)
+            return
+        (dest / "run.json").unlink(missing_ok=True)  # the folder reads as incomplete until the end
+        names = sorted((p.name for p in work.iterdir()), key=lambda n: n == "run.json")
+        for name in names:
+            os.replace(work / name, dest / name)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OutputError(f"{dest}: no space left on the device; free space or choose another --out") from err
+        raise OutputError(f"{dest}: cannot move results into place ({err.strerror}); check --out") from err
+
+
+def run_slide_safe(
+    slide_path: str | Path,
+    cfg: JobConfig,
+    dest: str | Path | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> JobResult:
     """:func:`run_slide` that reports failures as a result instead of raising (for batches)."""
     try:
-        return run_slide(slide_path, cfg)
+        return run_slide(slide_path, cfg, dest=Path(dest) if dest else None, on_message=on_message)
     except ZooError as err:
-        return JobResult(str(slide_path), "failed", error=str(err))
+        return JobResult(str(slide_path), "failed", str(dest) if dest else None, error=str(err))
+    except MemoryError:
+        return JobResult(str(slide_path), "failed", error=f"{slide_path}: out of memory; use a coarser --mpp")
     except Exception as err:  # an unexpected bug on one slide must not stop the batch
         tb = traceback.format_exception_only(type(err), err)[-1].strip()
         return JobResult(str(slide_path), "failed", error=f"{slide_path}: unexpected error: {tb}")
 
 
-def run_many(slides: Iterable[Path], cfg: JobConfig) -> list[JobResult]:
+def run_many(
+    slides: Sequence[Path],
+    cfg: JobConfig,
+    on_result: Callable[[int, JobResult], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> list[JobResult]:
     """Run slides one after another in this process; failures are collected, not raised."""
-    return [run_slide_safe(s, cfg) for s in slides]
+    dirs = result_dirs(slides, cfg.out_dir)
+    results = []
+    for k, s in enumerate(slides):
+        r = run_slide_safe(s, cfg, dirs[s], on_message)
+        results.append(r)
+        if on_result:
+            on_result(k, r)
+    return results
 
 
 def run_many_dask(
-    slides: Sequence[Path], cfg: JobConfig, scheduler: str | None = None, workers: int = 2, threads_per_worker: int = 1
+    slides: Sequence[Path],
+    cfg: JobConfig,
+    scheduler: str | None = None,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    on_result: Callable[[int, JobResult], None] | None = None,
 ) -> list[JobResult]:
     """Run slides on a Dask cluster: ``scheduler`` address, or a local cluster of ``workers`` processes.
 
     Each task runs one slide; the ONNX session uses ``cfg.run.threads`` threads per worker.
+
+    Raises:
+        ZooError: dask is not installed, or the scheduler cannot be reached.
     """
-    from dask.distributed import Client, LocalCluster
+    from zoo.errors import DependencyError
+
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError as err:
+        raise DependencyError(
+            "--workers/--scheduler need Dask, which is not installed; "
+            "install it with: pip install 'pathology-zoo[dask]'"
+        ) from err
 
     cfg = replace(cfg, run=replace(cfg.run, progress=False))
-    if scheduler:
-        client = Client(scheduler)
-        cluster = None
-    else:
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None
-        )
-        client = Client(cluster)
+    dirs = result_dirs(slides, cfg.out_dir)
+    cluster = None
     try:
-        futures = client.map(run_slide_safe, [str(s) for s in slides], cfg=cfg, pure=False)
-        return list(client.gather(futures))
+        if scheduler:
+            client = Client(scheduler, timeout="10s")
+        else:
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None
+            )
+            client = Client(cluster)
+    except (OSError, TimeoutError) as err:
+        raise OutputError(
+            f"{scheduler}: cannot reach the Dask scheduler ({type(err).__name__}); check the address "
+            "(tcp://host:8786) and that the scheduler is running"
+        ) from err
+    try:
+        order = {str(s): k for k, s in enumerate(slides)}
+        futures = [client.submit(run_slide_safe, str(s), cfg, str(dirs[s]), pure=False) for s in slides]
+        results: list[JobResult | None] = [None] * len(slides)
+        for fut in as_completed(futures):
+            r = fut.result()
+            k = order[r.slide]
+            results[k] = r
+            if on_result:
+                on_result(k, r)
+        return [r for r in results if r is not None]
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+

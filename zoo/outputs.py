@@ -8,6 +8,7 @@ and tifffile), with the resolution tags set in pixels per centimetre.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from zoo.errors import OutputError
+from zoo.labelmask import RowSource, as_rows
 
 
 @contextlib.contextmanager
@@ -25,8 +27,10 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``dest``; rename it onto ``dest`` only on success.
 
     Raises:
-        OutputError: the folder cannot be created or written.
+        OutputError: ``dest`` is a folder, or it cannot be written (no permission, no space left).
     """
+    if dest.is_dir():
+        raise OutputError(f"{dest}: is a folder; give a file name to write to")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
@@ -38,6 +42,11 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o666 & ~current_umask())
         tmp.replace(dest)
+    except OSError as err:
+        if isinstance(err, OutputError):
+            raise
+        why = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise OutputError(f"{dest}: cannot write ({why}); free space or choose another output path") from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -57,7 +66,7 @@ def write_json(dest: Path, obj: Any) -> None:
 
 def write_mask_tiff(
     dest: Path,
-    mask: np.ndarray,
+    mask: np.ndarray | RowSource,
     mpp: float | None,
     tile_px: int = 256,
     min_level_side_px: int = 256,
@@ -65,6 +74,11 @@ def write_mask_tiff(
     description: str = "",
 ) -> int:
     """Write a uint8 label mask as a tiled pyramidal TIFF; return the number of levels.
+
+    Tiles are produced one row of tiles at a time from ``mask`` (an array or a
+    :class:`zoo.labelmask.LabelMask` on disk), so memory is one row of tiles whatever
+    the mask's size. Level k is level 0 sampled every 2**k pixels (nearest: label
+    values must not mix).
 
     Args:
         dest: output path (written as ``.<name>.*.partial`` first).
@@ -77,23 +91,28 @@ def write_mask_tiff(
     """
     import tifffile
 
-    levels = [mask]
-    while min(levels[-1].shape) // 2 >= min_level_side_px:
-        levels.append(levels[-1][::2, ::2])  # nearest: label values must not mix
+    src = as_rows(mask)
+    h0, w0 = src.shape
+    shapes = [(h0, w0)]
+    while min(shapes[-1]) // 2 >= min_level_side_px:
+        k = len(shapes)
+        shapes.append((-(-h0 // 2**k), -(-w0 // 2**k)))
     cmap = None
     if colormap:
         cmap = np.zeros((3, 256), np.uint16)
         for idx, rgb in colormap.items():
             cmap[:, idx] = np.asarray(rgb, np.uint16) * 257
     with atomic_path(dest) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=mask.size > 2**31) as tif:
-            for k, lvl in enumerate(levels):
+        with tifffile.TiffWriter(tmp, bigtiff=h0 * w0 > 2**31) as tif:
+            for k, shape in enumerate(shapes):
                 kw: dict[str, Any] = {}
                 if mpp:
                     px_per_cm = 1e4 / (mpp * 2**k)
                     kw.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
                 tif.write(
-                    np.ascontiguousarray(lvl),
+                    _tiles(src, 2**k, shape, tile_px),
+                    shape=shape,
+                    dtype=np.uint8,
                     tile=(tile_px, tile_px),
                     compression="zlib",
                     photometric="palette" if cmap is not None else "minisblack",
@@ -103,7 +122,19 @@ def write_mask_tiff(
                     metadata=None,
                     **kw,
                 )
-    return len(levels)
+    return len(shapes)
+
+
+def _tiles(src: RowSource, step: int, shape: tuple[int, int], tile_px: int) -> Iterator[np.ndarray]:
+    """Row-major (tile_px, tile_px) tiles of ``src`` sampled every ``step`` pixels, zero-padded."""
+    h, w = shape
+    for ty in range(0, h, tile_px):
+        band = src.read_rows(ty * step, min(src.shape[0], (ty + tile_px) * step), step)[:, ::step]
+        for tx in range(0, w, tile_px):
+            t = band[:, tx : tx + tile_px]
+            if t.shape != (tile_px, tile_px):
+                t = np.pad(t, ((0, tile_px - t.shape[0]), (0, tile_px - t.shape[1])))
+            yield np.ascontiguousarray(t)
 
 
 def read_mask_tiff(path: Path) -> tuple[np.ndarray, float | None, dict[str, Any]]:
@@ -119,7 +150,7 @@ def read_mask_tiff(path: Path) -> tuple[np.ndarray, float | None, dict[str, Any]
     try:
         with tifffile.TiffFile(path) as tif:
             arr = tif.pages[0].asarray()
-            mpp, _ = tiff_resolution(tif)
+            mpp, _, _ = tiff_resolution(tif)
             desc = getattr(tif.pages[0], "description", "") or ""
     except (OSError, tifffile.TiffFileError, ValueError) as err:
         raise OutputError(f"{path}: not a readable mask TIFF ({err}); pass a mask written by `zoo run`") from err

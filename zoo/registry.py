@@ -1,9 +1,12 @@
 """The model registry: typed, versioned entries in ``registry.yaml`` with pinned weights.
 
 Import cost is pydantic + yaml only (no onnxruntime, no side effects). Weights are
-resolved relative to the registry file (``models/...``), as ``file://`` paths, or
-``https://`` URLs fetched into a cache on first use, and always checked against
-their sha256 before use.
+resolved relative to the registry file (``models/...``; a relative path may not leave
+the registry's folder), as explicit absolute ``file://`` paths, or ``https://`` URLs
+fetched into a cache on first use. Every file a model loads is pinned: the ONNX file
+and each external-data file it references (``weights.files``), each checked against
+its sha256 before use; an ONNX file that references an unpinned file, or one outside
+its own folder, is refused.
 """
 
 from __future__ import annotations
@@ -86,11 +89,28 @@ class OutputSpec(_Strict):
     already_activated: bool = Field(True, description="the ONNX graph ends with the activation")
 
 
+class WeightFile(_Strict):
+    """A file the ONNX model loads beside itself (external tensor data), pinned by sha256."""
+
+    path: str = Field(description="relative to the ONNX file's folder, as the ONNX file names it")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class WeightsSpec(_Strict):
     uri: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int | None = Field(None, gt=0)
     format: Literal["onnx"] = "onnx"
+    files: list[WeightFile] = Field(default_factory=list, description="external-data files the ONNX file loads")
+
+    @field_validator("files")
+    @classmethod
+    def _inside(cls, v: list[WeightFile]) -> list[WeightFile]:
+        for f in v:
+            p = Path(f.path)
+            if p.is_absolute() or ".." in p.parts or not p.parts:
+                raise ValueError(f"weights file {f.path!r} must be a relative path inside the model's folder")
+        return v
 
 
 class TestSpec(_Strict):
@@ -143,6 +163,10 @@ class ModelEntry(_Strict):
         """Classes other than index 0 (background)."""
         return [c for c in self.classes if c.index != 0]
 
+    def pinned_sha256(self) -> list[str]:
+        """sha256 of the ONNX file, then of each external-data file, in ``weights.files`` order."""
+        return [self.weights.sha256, *(f.sha256 for f in self.weights.files)]
+
 
 class Registry(_Strict):
     schema_version: Literal[1] = 1
@@ -188,7 +212,11 @@ class Registry(_Strict):
         )
 
     def resolve(self, relative: str) -> Path:
-        """A registry-relative path (weights, test data, card) as an absolute path."""
+        """A registry-relative path (weights, test data, card) as an absolute path.
+
+        Raises:
+            RegistryError: a relative path leads outside the registry's folder.
+        """
         return resolve_uri(relative, self.root)
 
 
@@ -224,6 +252,14 @@ def load_registry(path: str | Path | None = None) -> Registry:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise RegistryError(f"{p}: registry file not found; set ZOO_REGISTRY or pass --registry") from err
+    except IsADirectoryError as err:
+        raise RegistryError(f"{p}: is a folder; point ZOO_REGISTRY or --registry at its registry.yaml") from err
+    except UnicodeDecodeError as err:
+        raise RegistryError(f"{p}: not UTF-8 text (byte {err.start}); point ZOO_REGISTRY at a registry.yaml") from err
+    except OSError as err:
+        raise RegistryError(
+            f"{p}: cannot read the registry ({err.strerror}); check ZOO_REGISTRY or --registry"
+        ) from err
     except yaml.YAMLError as err:
         raise RegistryError(f"{p}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from err
     if not isinstance(raw, dict):
@@ -248,9 +284,22 @@ def resolve_uri(uri: str, root: Path) -> Path:
         cache = Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "pathology-zoo"))
         return cache / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(parsed.path).name
     if parsed.scheme == "file":
-        return Path(parsed.path)
+        p = Path(parsed.path)
+        if not p.is_absolute():
+            raise RegistryError(f"{uri}: a file:// URI must be absolute (file:///path/to/model.onnx)")
+        return p
+    if parsed.scheme:
+        raise RegistryError(f"{uri}: unsupported URI scheme {parsed.scheme!r}; use a relative path, file:// or https://")
     p = Path(uri)
-    return p if p.is_absolute() else root / p
+    if p.is_absolute():
+        raise RegistryError(f"{uri}: absolute paths must be written as file://{uri} (explicitly)")
+    full = (root / p).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise RegistryError(
+            f"{uri}: leads outside the registry's folder {root}; keep model files beside registry.yaml "
+            "or name them explicitly with file:///absolute/path"
+        )
+    return root / p
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -280,24 +329,78 @@ def _download(url: str, dest: Path) -> None:
 
 
 def verified_weights(entry: ModelEntry, registry: Registry) -> Path:
-    """Path to ``entry``'s weights after checking their sha256.
+    """Path to ``entry``'s ONNX file after checking it and every file it loads (see :func:`verified_model_files`)."""
+    return verified_model_files(entry, registry)[0]
+
+
+def verified_model_files(entry: ModelEntry, registry: Registry) -> list[Path]:
+    """The ONNX file, then each external-data file, after checking every sha256.
 
     Raises:
-        WeightsNotFoundError: the file is missing (or cannot be downloaded).
-        ChecksumMismatchError: the file's sha256 is not the pinned one.
+        WeightsNotFoundError: a file is missing, a folder, or cannot be downloaded.
+        ChecksumMismatchError: a file's sha256 is not the pinned one.
+        RegistryError: the ONNX file loads a file that is not pinned in ``weights.files``,
+            or one outside its own folder.
     """
     path = registry.resolve(entry.weights.uri)
     if not path.exists() and urlparse(entry.weights.uri).scheme in ("http", "https"):
         _download(entry.weights.uri, path)
-    if not path.exists():
+    _check_pinned(path, entry.weights.sha256, entry, registry, "weights.uri")
+    extra = [path.parent / f.path for f in entry.weights.files]
+    for f, p in zip(entry.weights.files, extra):
+        _check_pinned(p, f.sha256, entry, registry, f"weights.files {f.path!r}")
+    pinned = {Path(f.path).as_posix() for f in entry.weights.files}
+    for loc in onnx_external_data(path):
+        lp = Path(loc)
+        inside = (path.parent / lp).resolve().is_relative_to(path.parent.resolve())
+        if lp.is_absolute() or ".." in lp.parts or not inside:
+            raise RegistryError(
+                f"{path}: {entry.id} loads external data from {loc!r}, outside its folder; "
+                "re-save the model with its data beside it"
+            )
+        if lp.as_posix() not in pinned:
+            raise RegistryError(
+                f"{path}: {entry.id} loads external data {loc!r} that is not pinned; add it to weights.files "
+                f"with its sha256 in {registry.path}"
+            )
+    return [path, *extra]
+
+
+def _check_pinned(path: Path, sha256: str, entry: ModelEntry, registry: Registry, field_name: str) -> None:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
         raise WeightsNotFoundError(
-            f"{path}: weights of {entry.id} not found; reinstall the package or fix weights.uri in {registry.path}"
+            f"{path}: {field_name} of {entry.id} {what}; reinstall the package or fix {field_name} in {registry.path}"
         )
     got = sha256_file(path)
-    if got != entry.weights.sha256:
+    if got != sha256:
         raise ChecksumMismatchError(
-            f"{path}: sha256 {got[:16]}… does not match {entry.weights.sha256[:16]}… pinned for {entry.id}; "
-            "the file is corrupt or was replaced: restore the original weights, or register the new ones "
+            f"{path}: sha256 {got[:16]}… does not match {sha256[:16]}… pinned for {entry.id}; "
+            "the file is corrupt or was replaced: restore the original, or register the new file "
             "as a new version"
         )
-    return path
+
+
+def onnx_external_data(path: Path) -> list[str]:
+    """Locations of the external tensor data an ONNX file references (its ``location`` entries)."""
+    import onnx
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises DecodeError and others
+        raise RegistryError(f"{path}: not a readable ONNX file ({err}); restore the model file") from err
+    locations: set[str] = set()
+
+    def visit(graph: Any) -> None:
+        for t in graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                locations.update(e.value for e in t.external_data if e.key == "location")
+        for node in graph.node:
+            for a in node.attribute:
+                if a.g is not None and a.HasField("g"):
+                    visit(a.g)
+                for g in a.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    return sorted(locations)

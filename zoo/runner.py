@@ -6,8 +6,9 @@ before any full-resolution read; overlapping tiles are read and normalised in a
 prefetch thread while ONNX Runtime runs batches; probabilities are averaged in
 the overlaps inside a band one tile high that slides down the slide, and rows
 that no later tile touches are thresholded into the label mask. Peak memory is the
-band plus the prefetch queue plus the uint8 label mask (on disk via memmap past
-``MEMMAP_THRESHOLD_BYTES``).
+band plus the prefetch queue plus the slide reader's tile cache: the label mask
+goes to a scratch file once it is large (:class:`zoo.labelmask.LabelMask`), with
+class counts kept per band.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import math
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,12 +28,11 @@ import onnxruntime as ort
 from PIL import Image
 from scipy import ndimage as ndi
 
-from zoo.errors import ModelInputError
+from zoo.errors import ModelInputError, ProviderError
+from zoo.labelmask import UNKNOWN_LABEL, LabelMask
 from zoo.registry import ModelEntry
-from zoo.slide import LevelChoice, Slide, choose_level, model_dimensions, read_scaled, thumbnail
+from zoo.slide import LevelChoice, Slide, choose_level, model_dimensions, read_scaled, slide_base_mpp, thumbnail
 from zoo.tissue import reference_labels
-
-MEMMAP_THRESHOLD_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -44,6 +43,7 @@ class RunOptions:
         target_mpp: µm/px to run at (default: the model's ``input.target_mpp``).
         level: force a pyramid level instead of ``target_mpp``.
         slide_mpp: level-0 µm/px to assume when the slide has none.
+        force_slide_mpp: use ``slide_mpp`` even when the slide states another resolution.
         batch_size: tiles per ONNX Runtime call.
         providers: ONNX Runtime execution providers; None picks CUDA when present, then CPU.
         threads: intra-op threads for the CPU provider (0: one per core).
@@ -56,6 +56,7 @@ class RunOptions:
     target_mpp: float | None = None
     level: int | None = None
     slide_mpp: float | None = None
+    force_slide_mpp: bool = False
     batch_size: int = 8
     providers: list[str] | None = None
     threads: int = 0
@@ -70,24 +71,48 @@ class Prediction:
     """A model's label mask for one slide.
 
     Attributes:
-        mask: (height, width) uint8 class indices at ``downsample``.
+        mask: (height, width) uint8 class indices at ``downsample`` (``UNKNOWN_LABEL`` where
+            the slide could not be decoded and ``on_bad_tile`` was ``skip``).
         downsample: level-0 pixels per mask pixel.
         mpp: µm per mask pixel (None when the slide has no resolution and none was assumed).
         choice: the level choice (tiled models).
         stats: counts and timings.
     """
 
-    mask: np.ndarray
+    mask: LabelMask
     downsample: float
     mpp: float | None
     choice: LevelChoice | None
     stats: dict[str, Any] = field(default_factory=dict)
 
     def class_fractions(self) -> dict[int, float]:
-        """Fraction of mask pixels per class index."""
-        counts = np.bincount(np.asarray(self.mask).ravel(), minlength=256)
+        """Fraction of mask pixels per label value (from counts kept while the mask was written)."""
+        counts = self.mask.class_counts()
         total = max(1, int(counts.sum()))
         return {int(i): counts[i] / total for i in np.nonzero(counts)[0]}
+
+
+#: How to get each execution provider that a plain ``pip install`` lacks.
+PROVIDER_HINTS = {
+    "CUDAExecutionProvider": "pip uninstall -y onnxruntime && pip install '.[gpu]', with an NVIDIA driver and CUDA 12",
+    "TensorrtExecutionProvider": "pip install '.[gpu]' and TensorRT",
+}
+
+
+def check_providers(providers: list[str]) -> None:
+    """Refuse providers this onnxruntime build or machine does not have (no silent CPU fallback).
+
+    Raises:
+        ProviderError: naming the missing providers, those available, and how to get them.
+    """
+    avail = ort.get_available_providers()
+    missing = [p for p in providers if p not in avail]
+    if missing:
+        how = "; ".join(f"{p}: {PROVIDER_HINTS[p]}" for p in missing if p in PROVIDER_HINTS)
+        raise ProviderError(
+            f"--providers {' '.join(missing)}: not available in this onnxruntime (available: {', '.join(avail)})"
+            + (f"; to get it: {how}" if how else "; check the name (see onnxruntime.get_available_providers())")
+        )
 
 
 def default_providers() -> list[str]:
@@ -107,6 +132,8 @@ class OnnxModel:
         so.inter_op_num_threads = 1
         self.entry = entry
         self.path = path
+        if providers:
+            check_providers(providers)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers or default_providers())
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -202,16 +229,6 @@ def background_premask(slide: Slide, max_side_px: int = 1024) -> tuple[np.ndarra
     return ndi.binary_dilation(mask, iterations=3), ds
 
 
-def _alloc_mask(shape: tuple[int, int], scratch: Path | None) -> np.ndarray:
-    if shape[0] * shape[1] <= MEMMAP_THRESHOLD_BYTES:
-        return np.zeros(shape, np.uint8)
-    fd, name = tempfile.mkstemp(suffix=".mask.npy", dir=scratch)
-    os.close(fd)
-    mm = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
-    os.unlink(name)  # the mapping keeps the data; nothing is left behind
-    return mm
-
-
 @dataclass(frozen=True)
 class TilePlan:
     """Which tiles a tiled model runs on a slide, in model pixels at ``choice``.
@@ -239,7 +256,11 @@ def plan_tiles(slide: Slide, entry: ModelEntry, opts: RunOptions) -> TilePlan:
     """The level choice and the overlapping tiles to run, glass skipped by the thumbnail pre-mask."""
     spec = entry.input
     choice = choose_level(
-        slide, target_mpp=opts.target_mpp or spec.target_mpp, level=opts.level, slide_mpp=opts.slide_mpp
+        slide,
+        target_mpp=opts.target_mpp or spec.target_mpp,
+        level=opts.level,
+        slide_mpp=opts.slide_mpp,
+        force_slide_mpp=opts.force_slide_mpp,
     )
     width, height = model_dimensions(slide, choice)
     pw, ph = spec.patch_size_px
@@ -269,7 +290,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
     pw, ph = entry.input.patch_size_px
     n_cls = entry.output.channels
 
-    mask = _alloc_mask((height, width), opts.scratch_dir)
+    mask = LabelMask(height, width, opts.scratch_dir)
     acc = np.zeros((n_cls, ph, width + pw), np.float32)  # band: rows [band_y, band_y + ph)
     cnt = np.zeros((ph, width + pw), np.float32)
     band_y = 0
@@ -284,7 +305,11 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
             prob = acc[:, :n, :width] / np.maximum(c, 1e-6)
             lab = labels_from_probabilities(prob, entry)
             lab[c == 0] = 0  # never inferred (background skipped): glass
-            mask[band_y : band_y + n] = lab
+            for x0, y0, x1, y1 in _bad_boxes(slide, choice.downsample):  # --on-bad-tile skip: unknown
+                r0, r1 = max(y0, band_y) - band_y, min(y1, band_y + n) - band_y
+                if r1 > r0:
+                    lab[r0:r1, max(0, x0) : max(0, x1)] = UNKNOWN_LABEL
+            mask.write_rows(band_y, lab)
             acc[:, : ph - n] = acc[:, n:].copy()
             acc[:, ph - n :] = 0
             cnt[: ph - n] = cnt[n:].copy()
@@ -354,8 +379,22 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         "seconds_premask": round(plan.premask_s, 3),
         "seconds_read_in_thread": round(read_s[0], 3),
         "seconds_inference": round(infer_s, 3),
+        "bad_tiles": list(slide.bad_tiles),
     }
     return Prediction(mask, choice.downsample, choice.mpp, choice, stats)
+
+
+def _bad_boxes(slide: Slide, downsample: float) -> list[tuple[int, int, int, int]]:
+    """Skipped bad tiles as (x0, y0, x1, y1) boxes in mask pixels at ``downsample``."""
+    return [
+        (
+            int(b["level0_box_px"][0] // downsample),
+            int(b["level0_box_px"][1] // downsample),
+            math.ceil(b["level0_box_px"][2] / downsample),
+            math.ceil(b["level0_box_px"][3] / downsample),
+        )
+        for b in slide.bad_tiles
+    ]
 
 
 def run_whole_slide(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
@@ -368,15 +407,18 @@ def run_whole_slide(slide: Slide, model: OnnxModel, opts: RunOptions) -> Predict
     prob = model.predict(model.preprocess(small[None]))[0]
     th, tw = thumb.shape[:2]
     up = np.stack([np.asarray(Image.fromarray(p).resize((tw, th), Image.Resampling.BILINEAR)) for p in prob])
-    mask = labels_from_probabilities(up, entry)
-    mpp0 = opts.slide_mpp or slide.mpp
+    labels = labels_from_probabilities(up, entry)
+    mask = LabelMask(th, tw)
+    mask.write_rows(0, labels)
+    mpp0, source = slide_base_mpp(slide, opts.slide_mpp, opts.force_slide_mpp)
+    choice = LevelChoice(0, 1, mpp0 * ds, ds, source in ("objective power", "assumed default"), mpp0, source)
     stats = {
         "tiles_total": 1,
         "tiles_run": 1,
         "model_dimensions_px": [tw, th],
         "seconds_total": round(time.perf_counter() - t0, 3),
     }
-    return Prediction(mask, ds, None if mpp0 is None else mpp0 * ds, None, stats)
+    return Prediction(mask, ds, mpp0 * ds, choice, stats)
 
 
 def predict_slide(slide: Slide, model: OnnxModel, opts: RunOptions | None = None) -> Prediction:

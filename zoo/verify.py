@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from zoo.errors import RegistryError
 from zoo.registry import ModelEntry, Registry, verified_weights
 
 
@@ -22,8 +23,7 @@ def verify_model(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
     path = verified_weights(entry, registry)
     if entry.test is None:
         return {"model": entry.id, "ok": True, "detail": "sha256 ok; no bundled test"}
-    x = np.load(registry.resolve(entry.test.input))
-    expected = np.load(registry.resolve(entry.test.expected))
+    x, expected = (_load_test_array(entry, registry, f) for f in (entry.test.input, entry.test.expected))
     model = OnnxModel(path, entry, providers=["CPUExecutionProvider"])
     got = model.session.run([entry.output.output_name], {entry.input.input_name: x})[0]
     diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
@@ -35,6 +35,18 @@ def verify_model(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
         "atol": entry.test.atol,
         "detail": f"sha256 ok; test output max |diff| {diff:.2e} (tolerance {entry.test.atol:.0e})",
     }
+
+
+def _load_test_array(entry: ModelEntry, registry: Registry, name: str) -> np.ndarray:
+    path = registry.resolve(name)
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as err:
+        what = "not found" if not path.exists() else "is a folder" if path.is_dir() else "not a .npy array"
+        raise RegistryError(
+            f"{path}: bundled test file of {entry.id} {what}; restore it (reinstall the package) or fix test: "
+            f"in {registry.path}"
+        ) from err
 
 
 def write_test_io(entry: ModelEntry, registry: Registry, slide_path: str, input_path: str, expected_path: str) -> float:

@@ -104,7 +104,7 @@ def test_round_trip_on_real_model_output(cmu_slide: Path, tmp_path: Path) -> Non
     entry = reg.get(None)
     with open_slide(cmu_slide) as s:
         pred = predict_slide(s, OnnxModel(verified_weights(entry, reg), entry), RunOptions(progress=False))
-    mask = pred.mask
+    mask = pred.mask.to_array()
     exact = mask_to_feature_collection(mask, [TISSUE], pred.downsample, mpp0=0.499)
     assert any(len(f["geometry"]["coordinates"]) > 1 for f in exact["features"]), "expected polygons with holes"
     doc = json.loads(json.dumps(exact))  # through text, as a file would be

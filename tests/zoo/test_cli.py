@@ -98,8 +98,17 @@ def test_batch_continues_past_a_broken_slide(
         (["run", "peer-tissue-unet@7.0.0", "x.svs"], 1, "has no version"),
         (["run", "peer-tissue-unet", "/nonexistent/slide.svs"], 1, "no such file"),
         (["run"], 2, "usage"),
-        (["run", "peer-tissue-unet", "x.svs", "--batch-size", "many"], 2, "invalid int"),
+        (["run", "peer-tissue-unet", "x.svs", "--batch-size", "many"], 2, "not a whole number"),
         (["frobnicate"], 2, "invalid choice"),
+        # issue #10 item 11: values that were accepted silently, or failed later without a message
+        (["run", "peer-tissue-unet", "x.svs", "--mpp", "0"], 2, "greater than 0"),
+        (["run", "peer-tissue-unet", "x.svs", "--mpp", "-1"], 2, "greater than 0"),
+        (["run", "peer-tissue-unet", "x.svs", "--mpp", "nan"], 2, "greater than 0"),
+        (["run", "peer-tissue-unet", "x.svs", "--slide-mpp", "-1"], 2, "greater than 0"),
+        (["run", "peer-tissue-unet", "x.svs", "--level", "-1"], 2, "0 or more"),
+        (["run", "peer-tissue-unet", "x.svs", "--min-area-um2", "-5"], 2, "0 or more"),
+        (["convert", "a.geojson", "--to", "tiff", "--out", "m.tiff", "--class-map", "Tumor"], 2, "NAME=CLASS"),
+        (["edits", "mask.tiff", "e.geojson", "--class-map", "Tumor"], 2, "NAME=CLASS"),
     ],
 )
 def test_bad_input_exit_codes(args: list[str], code: int, needle: str) -> None:
