@@ -309,9 +309,16 @@ def parse_qupath_geojson(doc: Any, source: str = "<geojson>", bounds_px: tuple[i
         if geom.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
             report.rejected.append(f"feature {fid}: {geom.geom_type} has no area (only Polygon/MultiPolygon)")
             continue
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-            report.repaired += 1
+        if not np.isfinite(shapely.get_coordinates(geom)).all():
+            report.rejected.append(f"feature {fid}: a coordinate is NaN or infinite")
+            continue
+        try:
+            if not geom.is_valid:
+                geom = shapely.make_valid(geom)
+                report.repaired += 1
+        except shapely.errors.GEOSException as err:
+            report.rejected.append(f"feature {fid}: geometry cannot be repaired ({err})")
+            continue
         polys = _polygons_of(geom)
         if not polys:
             report.rejected.append(f"feature {fid}: no area after repair")

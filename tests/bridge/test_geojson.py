@@ -162,3 +162,25 @@ def test_invalid_json_and_wrong_document(tmp_path: Path) -> None:
         parse_qupath_geojson({"hello": "world"}, "x.json")
     with pytest.raises(GeoJSONError, match="no such file"):
         read_qupath_geojson(tmp_path / "absent.geojson")
+
+
+def test_non_finite_coordinates_reject_only_that_feature(tmp_path: Path) -> None:
+    """Issue #10.10: one NaN/Infinity coordinate used to abort the import with a GEOSException."""
+    square = [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]
+    props = {"objectType": "annotation", "classification": {"name": "Tissue", "color": [0, 160, 0]}}
+    feats = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square}, "properties": props},
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [float("nan"), 0], [5, 5], [0, 0]]]},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [float("inf"), 0], [5, 5], [0, 0]]]},
+        },
+    ]
+    path = tmp_path / "nan.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))  # writes NaN / Infinity, as Java does
+    rep = read_qupath_geojson(path)
+    assert len(rep.annotations) == 1 and len(rep.rejected) == 2
+    assert all("NaN or infinite" in r for r in rep.rejected)
