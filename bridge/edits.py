@@ -1,8 +1,11 @@
-"""Pathologists' edits back into masks: compare a prediction with edited annotations.
+"""Pathologists' edits back into masks: compare what was exported with what came back.
 
-Both masks are compared at the prediction's resolution. Per class: the area the
-pathologist added (in the edit, not the prediction), removed (in the prediction,
-not the edit), and the Dice between them; the corrected mask is the edit itself.
+Everything is compared at the prediction's resolution, rasterised the same way. Per
+class: the area the pathologist added (in the edit, not the baseline), removed (in the
+baseline, not the edit), and the Dice between them; the corrected mask is the edit
+itself. The baseline is the GeoJSON the pathologist was given, so that simplification
+and the minimum object area do not look like edits; the comparison with the model's
+raw mask is reported beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bridge.geojson import ClassStyle, ImportReport, rasterize_annotations
+from zoo.errors import GeoJSONError
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,10 +58,50 @@ def corrected_mask(
 ) -> np.ndarray:
     """Rasterise an edited annotation set into a label mask (the corrected mask).
 
-    ``class_aliases`` maps names used in the edit (e.g. QuPath's "Region*") onto model classes.
+    ``class_aliases`` maps names or glob patterns used in the edit (e.g. QuPath's ``Region*``,
+    or ``Unclassified``) onto model classes. Annotations of classes that map to nothing move
+    from ``report.annotations`` to ``report.rejected``.
+
+    Raises:
+        GeoJSONError: an alias names a class the model does not have.
     """
+    return rasterize_annotations(
+        report.annotations, class_lookup(classes, class_aliases), shape_px, downsample, report=report
+    )
+
+
+def class_lookup(classes: Sequence[ClassStyle], class_aliases: dict[str, str] | None = None) -> dict[str, int]:
+    """Class name (or pattern) -> label: the model's classes plus ``class_aliases``."""
     class_map = {c.name: c.index for c in classes}
     for alias, target in (class_aliases or {}).items():
-        if target in class_map:
-            class_map[alias] = class_map[target]
-    return rasterize_annotations(report.annotations, class_map, shape_px, downsample, report=report)
+        value = next((c.index for c in classes if c.name.casefold() == target.casefold()), None)
+        if value is None:
+            raise GeoJSONError(
+                f"--class-map {alias}={target}: {target!r} is not a class of this mask "
+                f"({', '.join(c.name for c in classes)}); map onto one of those"
+            )
+        class_map[alias] = value
+    return class_map
+
+
+def edit_report(
+    model_mask: np.ndarray,
+    edited: np.ndarray,
+    classes: Sequence[ClassStyle],
+    px_area_um2: float | None,
+    given: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """What the pathologist changed, and how far the result is from the model's raw mask.
+
+    ``changes`` compares the edit with what the pathologist was given (``given``: the exported
+    GeoJSON rasterised the same way as the edit), so an untouched export reports exactly zero;
+    ``vs_model_mask`` compares the edit with the model's mask (simplification and the minimum
+    object area count there too). Without ``given``, ``changes`` is measured against the mask.
+    """
+    fg = [c for c in classes if c.index != 0]
+    out = {
+        "baseline": "exported GeoJSON" if given is not None else "model mask (no exported GeoJSON given)",
+        "changes": compare_masks(given if given is not None else model_mask, edited, fg, px_area_um2),
+        "vs_model_mask": compare_masks(model_mask, edited, fg, px_area_um2),
+    }
+    return out

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import ZooError
+from zoo.errors import GeoJSONError, ZooError
 
 EPILOG = "Models: `zoo list`. Results of `zoo run` go to OUT/<slide name>/ (mask.tiff, annotations.geojson, run.json)."
 
@@ -103,9 +103,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--format",
         dest="formats",
         nargs="+",
-        choices=["tiff", "geojson"],
-        default=["tiff", "geojson"],
-        help="outputs to write",
+        choices=["tiff", "geojson", "probability"],
+        default=["tiff", "geojson", "probability"],
+        help="outputs: label mask TIFF, QuPath GeoJSON, per-class probability TIFFs (classes.csv and run.json always)",
     )
     p.add_argument(
         "--mpp", type=positive_float, default=None, help="run at this µm/px (default: the model's target_mpp)"
@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prediction", help="mask.tiff from `zoo run` (or its results folder)")
     p.add_argument("edited", help="GeoJSON exported from QuPath after editing")
     p.add_argument("--out", default=None, help="corrected mask TIFF (default: beside the prediction, corrected.tiff)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="the GeoJSON the pathologist was given (default: annotations.geojson beside the prediction); "
+        "changes are measured against it",
+    )
     p.add_argument(
         "--class-map",
         nargs="*",
@@ -471,7 +477,7 @@ def _classes(meta: dict[str, Any], args: argparse.Namespace, load_registry: Any)
 
 
 def cmd_edits(args: argparse.Namespace) -> int:
-    from bridge.edits import compare_masks, corrected_mask
+    from bridge.edits import corrected_mask, edit_report
     from bridge.geojson import ClassStyle, read_qupath_geojson
     from zoo.outputs import read_mask_tiff, write_mask_tiff
 
@@ -485,9 +491,23 @@ def cmd_edits(args: argparse.Namespace) -> int:
     classes = [ClassStyle(int(c["index"]), c["name"], tuple(c["color"])) for c in meta["classes"]]
     ds = float(meta.get("downsample", 1.0))
     w0, h0 = round(pred.shape[1] * ds), round(pred.shape[0] * ds)
+    aliases = _class_map(args.class_map)
     report = read_qupath_geojson(args.edited, bounds_px=(w0, h0))
-    fixed = corrected_mask(report, classes, pred.shape, ds, _class_map(args.class_map))
-    result = compare_masks(pred, fixed, [c for c in classes if c.index != 0], (mpp * mpp) if mpp else None)
+    fixed = corrected_mask(report, classes, pred.shape, ds, aliases)
+    if not report.annotations:
+        raise GeoJSONError(
+            f"{args.edited}: none of its {report.total} feature(s) is usable ({'; '.join(report.rejected[:3])}); "
+            "map its classes with --class-map NAME=CLASS or export the edited objects again"
+        )
+    baseline_path = Path(args.baseline) if args.baseline else pred_path.with_name("annotations.geojson")
+    given = None
+    if baseline_path.is_file():
+        base = read_qupath_geojson(baseline_path, bounds_px=(w0, h0))
+        given = corrected_mask(base, classes, pred.shape, ds, aliases)
+    elif args.baseline:
+        raise GeoJSONError(f"{baseline_path}: no such file; pass the GeoJSON the pathologist was given")
+    result = edit_report(pred, fixed, classes, (mpp * mpp) if mpp else None, given)
+    result["baseline_file"] = str(baseline_path) if given is not None else None
     out = Path(args.out) if args.out else pred_path.with_name("corrected.tiff")
     write_mask_tiff(
         out,
@@ -497,7 +517,20 @@ def cmd_edits(args: argparse.Namespace) -> int:
         description=json.dumps({**meta, "edited": str(args.edited)}),
     )
     result.update({"import": report.summary(), "corrected_mask": str(out)})
-    _print(result, args.json)
+    if args.json:
+        _print(result, True)
+    else:
+        unit = result["changes"]["area_unit"]
+        print(f"baseline: {result['baseline']}" + (f" ({baseline_path})" if given is not None else ""))
+        for name, c in result["changes"]["classes"].items():
+            m = result["vs_model_mask"]["classes"][name]
+            print(
+                f"{name}: added {c[f'added_{unit}']:g} {unit}, removed {c[f'removed_{unit}']:g} {unit}, "
+                f"Dice {c['dice']:.4f} (against the model's mask: Dice {m['dice']:.4f})"
+            )
+        imp = result["import"]
+        print(f"import: {imp['features']} features, {imp['kept']} kept, {imp['rejected']} rejected")
+        print(f"corrected mask: {out}")
     return 0
 
 

@@ -23,6 +23,7 @@ Safety rules, each tested in ``tests/zoo/test_jobs.py``:
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
 import glob
@@ -47,10 +48,10 @@ from zoo.registry import ModelEntry, Registry, load_registry, verified_model_fil
 from zoo.runner import RunOptions
 from zoo.slide import open_slide
 
-FORMATS = ("tiff", "geojson")
+FORMATS = ("tiff", "geojson", "probability")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".btf")
-#: Files a result folder may hold that zoo writes (only these are ever replaced).
-RESULT_FILES = {"tiff": "mask.tiff", "geojson": "annotations.geojson"}
+#: Files a result folder may hold that zoo writes (only these, and ``probability_<class>.tiff``, are replaced).
+RESULT_FILES = {"tiff": "mask.tiff", "geojson": "annotations.geojson", "table": "classes.csv"}
 MAX_NAME_CHARS = 80
 PARTIAL_MARKER = ".zoo-partial"
 
@@ -288,10 +289,27 @@ def reuse_reason(dest: Path, slide: Path, cfg: JobConfig, entry: ModelEntry) -> 
     old_src, new_src = info.get("source") or {}, slide_identity(slide)
     if old_src != new_src:
         return False, "the slide file changed (size or modification time)"
-    missing = [n for f, n in RESULT_FILES.items() if f in cfg.formats and not (dest / n).is_file()]
+    missing = [n for n in expected_outputs(cfg, entry) if not (dest / n).is_file()]
     if missing:
         return False, f"{', '.join(missing)} missing"
     return True, f"already done with {entry.id} and the same options"
+
+
+def probability_file(class_name: str) -> str:
+    """File name of a class's probability TIFF."""
+    return f"probability_{safe_name(class_name)}.tiff"
+
+
+def expected_outputs(cfg: JobConfig, entry: ModelEntry) -> list[str]:
+    """Files a finished result folder holds for ``cfg`` (run.json aside)."""
+    names = [RESULT_FILES["table"]]
+    if "tiff" in cfg.formats:
+        names.append(RESULT_FILES["tiff"])
+    if "geojson" in cfg.formats:
+        names.append(RESULT_FILES["geojson"])
+    if "probability" in cfg.formats:
+        names += [probability_file(c.name) for c in entry.foreground]
+    return names
 
 
 # --------------------------------------------------------------------------- one slide
@@ -357,16 +375,17 @@ def _run_locked(
     mpp0_assumed = mpp_source in ("assumed default", "objective power")
     classes = [ClassStyle(c.index, c.name, tuple(c.color)) for c in entry.classes]  # type: ignore[arg-type]
     fractions = pred.class_fractions()
+    mean_prob = pred.mean_class_probability()
     mask_mpp = None if mpp0 is None else mpp0 * pred.downsample
-    styles = [*entry.classes]
     areas = {
         c.name: {
             "fraction": round(float(fractions.get(c.index, 0.0)), 5),
             "area_mm2": None
             if mask_mpp is None
             else round(float(fractions.get(c.index, 0.0)) * pred.mask.size * mask_mpp**2 / 1e6, 4),
+            "mean_probability": None if c.index not in mean_prob else round(mean_prob[c.index], 4),
         }
-        for c in styles
+        for c in entry.classes
     }
     if fractions.get(UNKNOWN_LABEL):
         f = float(fractions[UNKNOWN_LABEL])
@@ -396,6 +415,16 @@ def _run_locked(
                 description=json.dumps(meta),
             )
             outputs["mask"] = RESULT_FILES["tiff"]
+        if "probability" in cfg.formats:
+            for c in entry.foreground:
+                name = probability_file(c.name)
+                write_mask_tiff(
+                    work / name,
+                    pred.probabilities[c.index],
+                    mask_mpp,
+                    description=json.dumps({**meta, "class": c.name, "values": "probability x 255"}),
+                )
+                outputs[f"probability_{c.name}"] = name
         if "geojson" in cfg.formats:
             fc = mask_to_feature_collection(
                 pred.mask,
@@ -405,10 +434,17 @@ def _run_locked(
                 simplify_um=cfg.simplify_um,
                 min_area_um2=cfg.min_area_um2,
                 object_type=cfg.object_type,  # type: ignore[arg-type]
+                probabilities=pred.probabilities,
             )
             write_json(work / RESULT_FILES["geojson"], fc)
             outputs["geojson"] = RESULT_FILES["geojson"]
             outputs["geojson_features"] = str(len(fc["features"]))
+            for c in entry.classes:
+                areas[c.name]["objects"] = sum(
+                    f["properties"]["classification"]["name"] == c.name for f in fc["features"]
+                )
+        write_class_table(work / RESULT_FILES["table"], areas)
+        outputs["table"] = RESULT_FILES["table"]
         run_info = {
             "zoo_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -446,7 +482,7 @@ def _run_locked(
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
-        pred.mask.close()
+        pred.close()
     summary = {
         "model": entry.id,
         "classes": areas,
@@ -457,6 +493,18 @@ def _run_locked(
         "rerun_reason": rerun_reason,
     }
     return JobResult(str(slide_path), "ok", str(dest), summary=summary)
+
+
+def write_class_table(dest: Path, areas: dict[str, dict[str, Any]]) -> None:
+    """``classes.csv``: one row per class: area, fraction, objects in the GeoJSON, mean probability."""
+    from zoo.outputs import atomic_path
+
+    cols = ["class", "area_mm2", "fraction", "objects", "mean_probability"]
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for name, a in areas.items():
+            w.writerow([name, *("" if a.get(k) is None else a.get(k) for k in cols[1:])])
 
 
 def _make_partial(dest: Path) -> Path:

@@ -77,6 +77,8 @@ class Prediction:
         mpp: µm per mask pixel (None when the slide has no resolution and none was assumed).
         choice: the level choice (tiled models).
         stats: counts and timings.
+        probabilities: foreground class index -> (height, width) uint8 raster of that class's
+            probability x 255 (the heatmap QuPath and FAST overlay; 0 where nothing was inferred).
     """
 
     mask: LabelMask
@@ -84,6 +86,19 @@ class Prediction:
     mpp: float | None
     choice: LevelChoice | None
     stats: dict[str, Any] = field(default_factory=dict)
+    probabilities: dict[int, LabelMask] = field(default_factory=dict)
+    probability_sums: dict[int, float] = field(default_factory=dict)
+
+    def mean_class_probability(self) -> dict[int, float]:
+        """Per class: the mean of its probability over the pixels labelled with it (0-1)."""
+        counts = self.mask.class_counts()
+        return {i: s / 255.0 / counts[i] for i, s in self.probability_sums.items() if counts[i]}
+
+    def close(self) -> None:
+        """Release the scratch files of the mask and the probability rasters."""
+        self.mask.close()
+        for p in self.probabilities.values():
+            p.close()
 
     def class_fractions(self) -> dict[int, float]:
         """Fraction of mask pixels per label value (from counts kept while the mask was written)."""
@@ -193,6 +208,19 @@ class OnnxModel:
         return y
 
 
+def class_probability_rows(prob: np.ndarray, entry: ModelEntry) -> dict[int, np.ndarray]:
+    """(C, H, W) network probabilities to foreground class index -> (H, W) uint8 probability x 255."""
+    fg = entry.foreground
+    if entry.output.activation == "sigmoid" and prob.shape[0] == 1:
+        chans = {fg[0].index: prob[0]}
+    elif entry.output.activation == "sigmoid":
+        chans = {c.index: prob[k] for k, c in enumerate(fg)}
+    else:
+        order = sorted(entry.classes, key=lambda c: c.index)
+        chans = {c.index: prob[k] for k, c in enumerate(order) if c.index != 0}
+    return {i: np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8) for i, p in chans.items()}
+
+
 def labels_from_probabilities(prob: np.ndarray, entry: ModelEntry) -> np.ndarray:
     """(C, H, W) probabilities to (H, W) uint8 class indices of ``entry``'s classes."""
     out = entry.output
@@ -291,6 +319,8 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
     n_cls = entry.output.channels
 
     mask = LabelMask(height, width, opts.scratch_dir)
+    heatmaps = {c.index: LabelMask(height, width, opts.scratch_dir) for c in entry.foreground}
+    prob_sums = dict.fromkeys(heatmaps, 0.0)
     acc = np.zeros((n_cls, ph, width + pw), np.float32)  # band: rows [band_y, band_y + ph)
     cnt = np.zeros((ph, width + pw), np.float32)
     band_y = 0
@@ -310,6 +340,10 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
                 if r1 > r0:
                     lab[r0:r1, max(0, x0) : max(0, x1)] = UNKNOWN_LABEL
             mask.write_rows(band_y, lab)
+            for idx, rows in class_probability_rows(prob, entry).items():
+                rows[c == 0] = 0
+                heatmaps[idx].write_rows(band_y, rows)
+                prob_sums[idx] += float(rows[lab == idx].sum(dtype=np.int64))
             acc[:, : ph - n] = acc[:, n:].copy()
             acc[:, ph - n :] = 0
             cnt[: ph - n] = cnt[n:].copy()
@@ -381,7 +415,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         "seconds_inference": round(infer_s, 3),
         "bad_tiles": list(slide.bad_tiles),
     }
-    return Prediction(mask, choice.downsample, choice.mpp, choice, stats)
+    return Prediction(mask, choice.downsample, choice.mpp, choice, stats, heatmaps, prob_sums)
 
 
 def _bad_boxes(slide: Slide, downsample: float) -> list[tuple[int, int, int, int]]:
@@ -410,6 +444,11 @@ def run_whole_slide(slide: Slide, model: OnnxModel, opts: RunOptions) -> Predict
     labels = labels_from_probabilities(up, entry)
     mask = LabelMask(th, tw)
     mask.write_rows(0, labels)
+    heatmaps, prob_sums = {}, {}
+    for idx, rows in class_probability_rows(up, entry).items():
+        heatmaps[idx] = LabelMask(th, tw)
+        heatmaps[idx].write_rows(0, rows)
+        prob_sums[idx] = float(rows[labels == idx].sum(dtype=np.int64))
     mpp0, source = slide_base_mpp(slide, opts.slide_mpp, opts.force_slide_mpp)
     choice = LevelChoice(0, 1, mpp0 * ds, ds, source in ("objective power", "assumed default"), mpp0, source)
     stats = {
@@ -418,7 +457,7 @@ def run_whole_slide(slide: Slide, model: OnnxModel, opts: RunOptions) -> Predict
         "model_dimensions_px": [tw, th],
         "seconds_total": round(time.perf_counter() - t0, 3),
     }
-    return Prediction(mask, ds, mpp0 * ds, choice, stats)
+    return Prediction(mask, ds, mpp0 * ds, choice, stats, heatmaps, prob_sums)
 
 
 def predict_slide(slide: Slide, model: OnnxModel, opts: RunOptions | None = None) -> Prediction:

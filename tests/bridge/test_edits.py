@@ -36,7 +36,7 @@ def test_zoo_edits_reports_added_and_removed(cmu_slide: Path, darkness_registry:
     edited.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     r = run_zoo("edits", str(res), str(edited), "--json")
     assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)["classes"]["Tissue"]
+    rep = json.loads(r.stdout)["changes"]["classes"]["Tissue"]
     assert rep["added_um2"] == pytest.approx(added.area * 0.499**2, rel=0.05)
     assert rep["removed_um2"] == pytest.approx(shape(removed["geometry"]).area * 0.499**2, rel=0.05)
     assert 0 < rep["dice"] < 1

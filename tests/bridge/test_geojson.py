@@ -90,7 +90,7 @@ def test_rasterise_real_export_matches_geometry_area() -> None:
     g = rep.annotations[0].geometry
     ds = 16.0
     shape_px = (int(g.bounds[3] / ds) + 2, int(g.bounds[2] / ds) + 2)
-    m = rasterize_annotations(rep.annotations, {"": 1}, shape_px, ds)
+    m = rasterize_annotations(rep.annotations, {"Unclassified": 1}, shape_px, ds)
     assert m.sum() * ds * ds == pytest.approx(g.area, rel=0.03)
 
 

@@ -34,7 +34,13 @@ def test_run_writes_mask_geojson_and_provenance(cmu_slide: Path, darkness_regist
     )
     assert rc == 0
     res = out / cmu_slide.stem
-    assert sorted(p.name for p in res.iterdir()) == ["annotations.geojson", "mask.tiff", "run.json"]
+    assert sorted(p.name for p in res.iterdir()) == [
+        "annotations.geojson",
+        "classes.csv",
+        "mask.tiff",
+        "probability_Tissue.tiff",
+        "run.json",
+    ]
     run = json.loads((res / "run.json").read_text())
     assert run["model"]["id"] == "darkness@0.1.0" and len(run["model"]["sha256"]) == 64
     assert run["providers"] == ["CPUExecutionProvider"]
@@ -43,6 +49,23 @@ def test_run_writes_mask_geojson_and_provenance(cmu_slide: Path, darkness_regist
     assert 0 < run["classes"]["Tissue"]["area_mm2"] < 1.65  # the slide is 1.1 x 1.5 mm
     fc = json.loads((res / "annotations.geojson").read_text())
     assert fc["type"] == "FeatureCollection" and fc["features"]
+    # per-object measurements QuPath shows, and the per-class table
+    for f in fc["features"]:
+        m = f["properties"]["measurements"]
+        assert m["Area µm^2"] > 0 and m["Perimeter µm"] > 0 and 0.0 <= m["Mean class probability"] <= 1.0
+    rows = (res / "classes.csv").read_text().splitlines()
+    assert rows[0] == "class,area_mm2,fraction,objects,mean_probability"
+    assert rows[2].startswith("Tissue,") and int(rows[2].split(",")[3]) == len(fc["features"])
+    tissue = run["classes"]["Tissue"]
+    assert 0.2 < tissue["mean_probability"] <= 1.0 and tissue["objects"] == len(fc["features"])
+    import tifffile
+
+    with tifffile.TiffFile(res / "probability_Tissue.tiff") as t:
+        heat = t.pages[0].asarray()
+        mask = tifffile.imread(res / "mask.tiff")
+        assert heat.shape == mask.shape and len(t.pages) >= 1
+        # the darkness model's threshold is 0.2: labelled pixels have probability >= 0.2, the others below
+        assert heat[mask == 1].min() >= round(0.2 * 255) - 1 and heat[mask == 0].max() <= round(0.2 * 255) + 1
     assert [p.name for p in out.iterdir()] == [cmu_slide.stem]  # no temporary leftovers
 
 

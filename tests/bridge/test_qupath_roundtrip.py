@@ -1,0 +1,150 @@
+"""What QuPath 0.5.1, 0.6.0 and 0.7.0 wrote back after importing the project's GeoJSON (issue #13).
+
+The files in ``shared/data/qupath/reexports/`` are QuPath's own ``exportObjectsAsGeoJSON`` after
+its own ``readObjects`` of the project's output (see that folder's README). Reading them back
+must give exactly the objects the project wrote: same ids, classes, colours, object types and
+geometry, in every version; the lossless export rasterises to the model's mask pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+
+from bridge.geojson import parse_qupath_geojson, rasterize_annotations, read_qupath_geojson
+from tests.conftest import SHARED, run_zoo, shared
+
+VERSIONS = ("0.5.1", "0.6.0", "0.7.0")
+ZOO_OUTPUTS = [
+    "out_cmu-1-small-region",
+    "out-lossless_cmu-1-small-region",
+    "out-det_cmu-1-small-region",
+    "out_kidney-48-5",
+    "out_tcga-cr-7395-01a-01-ts1",
+]
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _reexport(version: str, name: str) -> Path:
+    return shared("qupath", "reexports", f"qupath-{version}_{name}.geojson")
+
+
+@pytest.mark.parametrize("name", ZOO_OUTPUTS)
+def test_zoo_outputs_come_back_identical_from_every_qupath_version(name: str) -> None:
+    reports = {v: read_qupath_geojson(_reexport(v, name)) for v in VERSIONS}
+    first = reports[VERSIONS[0]]
+    for v, rep in reports.items():
+        assert rep.rejected == [] and rep.repaired == 0, (v, rep.rejected)
+        assert len(rep.annotations) == rep.total > 0
+        ids = [a.id for a in rep.annotations]
+        assert all(i and UUID.match(i) for i in ids) and len(set(ids)) == len(ids)
+        for a, b in zip(rep.annotations, first.annotations):
+            assert a.id == b.id and a.class_name == "Tissue" and a.color == (0, 160, 0)
+            assert a.object_type == ("detection" if name.startswith("out-det") else "annotation")
+            assert a.geometry.is_valid and shapely.symmetric_difference(a.geometry, b.geometry).area == 0
+            meas = a.properties.get("measurements", {})
+            assert meas["Area µm^2"] == pytest.approx(a.geometry.area * _mpp(name) ** 2, rel=1e-3)
+
+
+def _mpp(name: str) -> float:
+    return 0.499 if "cmu" in name else 0.5  # TCGA and kidney have none: 0.5 µm/px assumed
+
+
+def test_lossless_export_rasterises_to_the_models_mask(cmu_slide: Path, tmp_path: Path) -> None:
+    """QuPath's re-export of `--simplify-um 0 --min-area-um2 0` output is the model's mask, pixel for pixel."""
+    from zoo.outputs import read_mask_tiff
+
+    out = tmp_path / "out"
+    r = run_zoo(
+        "run", "tissue-multires", str(cmu_slide), "--out", str(out), "--simplify-um", "0", "--min-area-um2", "0"
+    )
+    assert r.returncode == 0, r.stderr
+    mask, _, meta = read_mask_tiff(out / cmu_slide.stem / "mask.tiff")
+    for v in VERSIONS:
+        rep = read_qupath_geojson(_reexport(v, "out-lossless_cmu-1-small-region"))
+        back = rasterize_annotations(rep.annotations, {"Tissue": 1}, mask.shape, meta["downsample"])
+        assert np.array_equal(back, mask), f"QuPath {v}: {(back != mask).sum()} pixels differ"
+
+
+@pytest.mark.parametrize("name", ["histoqc_qupath02_multipolygon_example", "histoqc_qupath03plus_holed"])
+def test_real_exports_survive_qupath_reimport(name: str) -> None:
+    original_name = "histoqc_qupath02_multipolygon_example.json" if "02" in name else f"{name}.geojson"
+    original = read_qupath_geojson(shared("qupath", original_name))
+    for v in VERSIONS:
+        rep = read_qupath_geojson(_reexport(v, name))
+        assert rep.rejected == [] and len(rep.annotations) == len(original.annotations)
+        for a, b in zip(rep.annotations, original.annotations):
+            assert a.class_label == b.class_label and a.color == b.color
+            assert shapely.symmetric_difference(a.geometry, b.geometry).area < 1e-6 * max(1.0, b.geometry.area)
+
+
+@pytest.mark.parametrize("slide_name", ["cmu-1-small-region.svs", "kidney-48-5.tif", "tcga-cr-7395-01a-01-ts1.svs"])
+@pytest.mark.parametrize("lossless", [False, True])
+def test_untouched_export_reports_zero_change(slide_name: str, lossless: bool, tmp_path: Path) -> None:
+    slide = shared("slides", slide_name)
+    out = tmp_path / "out"
+    opts = ["--simplify-um", "0", "--min-area-um2", "0"] if lossless else []
+    assert run_zoo("run", "tissue-multires", str(slide), "--out", str(out), *opts).returncode == 0
+    res = out / slide.stem
+    untouched = tmp_path / "qupath-export.geojson"  # QuPath re-exports geometry unchanged (see the README there)
+    untouched.write_text((res / "annotations.geojson").read_text())
+    r = run_zoo("edits", str(res), str(untouched), "--json", "--out", str(tmp_path / "corrected.tiff"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["baseline"] == "exported GeoJSON"
+    assert rep["changes"]["pixels_changed"] == 0
+    assert all(c["added_um2"] == 0 and c["removed_um2"] == 0 for c in rep["changes"]["classes"].values())
+    if lossless:
+        assert rep["vs_model_mask"]["pixels_changed"] == 0
+
+
+def test_class_map_globs_and_unclassified(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    reg = ("--registry", str(darkness_registry))
+    assert run_zoo(*reg, "run", "darkness", str(cmu_slide), "--out", str(out)).returncode == 0
+    res = out / cmu_slide.stem
+    fc = json.loads((res / "annotations.geojson").read_text())
+    for k, f in enumerate(fc["features"]):  # QuPath users' own classes, and objects left unclassified
+        if k % 2:
+            f["properties"]["classification"] = {"name": f"Region {k}", "color": [1, 2, 3]}
+        else:
+            del f["properties"]["classification"]
+    edited = tmp_path / "e.geojson"
+    edited.write_text(json.dumps(fc))
+    r = run_zoo("edits", str(res), str(edited), "--json")
+    assert r.returncode == 1 and "Unclassified" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_zoo("edits", str(res), str(edited), "--json", "--class-map", "Region*=Tissue", "Unclassified=Tissue")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["changes"]["pixels_changed"] == 0
+    imp = rep["import"]
+    assert imp["kept"] == imp["features"] == len(fc["features"]) and imp["rejected"] == 0
+    r = run_zoo("edits", str(res), str(edited), "--json", "--class-map", "Region*=Tissue")
+    imp = json.loads(r.stdout)["import"]
+    assert imp["kept"] + imp["rejected"] == imp["features"] and imp["rejected"] > 0
+
+
+def test_nothing_usable_is_an_error(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert (
+        run_zoo("--registry", str(darkness_registry), "run", "darkness", str(cmu_slide), "--out", str(out)).returncode
+        == 0
+    )
+    bad = tmp_path / "bad.geojson"
+    line = {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [5, 5]]}, "properties": {}}
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": [line, line]}))
+    r = run_zoo("edits", str(out / cmu_slide.stem), str(bad))
+    assert r.returncode == 1 and "none of its 2 feature(s) is usable" in r.stderr
+    assert not (out / cmu_slide.stem / "corrected.tiff").exists()
+
+
+def test_parse_counts_add_up() -> None:
+    doc = json.loads(shared("qupath", "histoqc_qupath02_multipolygon_example.json").read_text())
+    rep = parse_qupath_geojson(doc)
+    assert len(rep.annotations) + len(rep.rejected) == rep.total == len(doc)
+    assert SHARED.exists()
