@@ -208,12 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["geojson", "tiff"], required=True, help="output format")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument(
-        "--like", default=None, help="(GeoJSON to TIFF) a mask.tiff whose size, resolution and classes to use"
+        "--like",
+        default=None,
+        help="(GeoJSON to TIFF) a mask.tiff whose size, resolution and classes to use, or the slide the "
+        "annotations were drawn on (a new mask at --mpp; classes from --model, else from the GeoJSON)",
     )
     p.add_argument(
         "--model", default=None, help="classes from this model (default: the mask's, else the default model)"
     )
     p.add_argument("--slide-mpp", type=positive_float, default=None, help="level-0 µm/px if the mask has none")
+    p.add_argument(
+        "--mpp",
+        type=positive_float,
+        default=2.0,
+        help="(GeoJSON to TIFF with --like SLIDE) µm/px of the new mask",
+    )
     p.add_argument("--simplify-um", type=nonneg_float, default=2.0, help="polygon simplification tolerance in µm")
     p.add_argument("--min-area-um2", type=nonneg_float, default=500.0, help="drop objects smaller than this (µm²)")
     p.add_argument(
@@ -446,16 +455,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 0
     if not args.like:
         print(
-            "error: --to tiff needs --like MASK.tiff (the size, resolution and classes to rasterise onto)",
+            "error: --to tiff needs --like MASK.tiff or --like SLIDE (the size and resolution to rasterise onto)",
             file=sys.stderr,
         )
         return 2
-    like, mpp, meta = read_mask_tiff(Path(args.like))
-    classes = _classes(meta, args, load_registry)
-    ds = float(meta.get("downsample", 1.0))
-    w0, h0 = round(like.shape[1] * ds), round(like.shape[0] * ds)
+    like_path = Path(args.like)
+    if _is_label_tiff(like_path):
+        like, mpp, meta = read_mask_tiff(like_path)
+        classes = _classes(meta, args, load_registry)
+        ds = float(meta.get("downsample", 1.0))
+        shape = like.shape
+    else:  # a slide that has not been run: a new mask at --mpp
+        from zoo.slide import choose_level, model_dimensions, open_slide
+
+        with open_slide(like_path) as slide:
+            choice = choose_level(slide, target_mpp=args.mpp, slide_mpp=args.slide_mpp)
+            w, h = model_dimensions(slide, choice)
+        ds, mpp, shape = choice.downsample, choice.mpp, (h, w)
+        meta = {"downsample": ds, "mpp": mpp, "slide": str(like_path), "slide_mpp_source": choice.mpp_source}
+        classes = _classes({}, args, load_registry) if args.model else _classes_of_geojson(src)
+        meta["classes"] = [{"index": c.index, "name": c.name, "color": list(c.color)} for c in classes]
+    w0, h0 = round(shape[1] * ds), round(shape[0] * ds)
     report = read_qupath_geojson(src, bounds_px=(w0, h0))
-    out = corrected_mask(report, classes, like.shape, ds, _class_map(args.class_map))
+    out = corrected_mask(report, classes, shape, ds, _class_map(args.class_map))
+    if not report.annotations:
+        raise GeoJSONError(
+            f"{src}: none of its {report.total} feature(s) is usable ({'; '.join(report.rejected[:3])}); "
+            "map its classes with --class-map NAME=CLASS"
+        )
     write_mask_tiff(
         Path(args.out),
         out,
@@ -465,6 +492,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report.summary()))
     return 0
+
+
+def _is_label_tiff(path: Path) -> bool:
+    """True for a single-channel TIFF (a label mask), False for anything else (a slide)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return int(tif.pages.first.samplesperpixel) == 1 and path.suffix.lower() in (".tif", ".tiff")
+    except (OSError, tifffile.TiffFileError, ValueError, IndexError):
+        return False
+
+
+def _classes_of_geojson(path: Path) -> list[Any]:
+    """Background plus each class named in a GeoJSON file, in order of first appearance, with its colour."""
+    from bridge.geojson import ClassStyle, read_qupath_geojson
+
+    seen: dict[str, tuple[int, int, int]] = {}
+    for a in read_qupath_geojson(path).annotations:
+        if a.class_name and a.class_name not in seen:
+            seen[a.class_name] = a.color or (255, 0, 0)
+    if len(seen) > 254:
+        raise GeoJSONError(f"{path}: {len(seen)} classes; a label mask holds at most 254: merge them with --class-map")
+    return [ClassStyle(0, "Background", (255, 255, 255))] + [
+        ClassStyle(k + 1, name, color) for k, (name, color) in enumerate(seen.items())
+    ]
 
 
 def _classes(meta: dict[str, Any], args: argparse.Namespace, load_registry: Any) -> list[Any]:

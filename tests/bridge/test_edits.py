@@ -61,3 +61,33 @@ def test_convert_mask_to_geojson_and_back(cmu_slide: Path, darkness_registry: Pa
     a, _, _ = read_mask_tiff(mask)
     b, _, _ = read_mask_tiff(back)
     assert (a == b).all()
+
+
+def test_convert_annotations_drawn_from_scratch_onto_a_slide(cmu_slide: Path, tmp_path: Path) -> None:
+    """Issue #13: annotations drawn in QuPath on a slide that was never run become a training mask."""
+    feats = [
+        {
+            "type": "Feature",
+            "id": "a",
+            "geometry": mapping(box(200, 300, 1000, 900)),
+            "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+        },
+        {
+            "type": "Feature",
+            "id": "b",
+            "geometry": mapping(box(1200, 1200, 1800, 2600)),
+            "properties": {"objectType": "annotation", "classification": {"name": "Stroma", "color": [0, 0, 200]}},
+        },
+    ]
+    gj = tmp_path / "drawn.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    out = tmp_path / "train-mask.tiff"
+    r = run_zoo("convert", str(gj), "--to", "tiff", "--like", str(cmu_slide), "--mpp", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    mask, mpp, meta = read_mask_tiff(out)
+    assert mpp == pytest.approx(0.499 * 4) and meta["downsample"] == 4
+    assert [c["name"] for c in meta["classes"]] == ["Background", "Tumor", "Stroma"]
+    assert mask.shape == (-(-2967 // 4), -(-2220 // 4))
+    assert (mask == 1).sum() == pytest.approx(800 * 600 / 16, rel=0.02)
+    assert (mask == 2).sum() == pytest.approx(600 * 1400 / 16, rel=0.02)
+    assert mask[10, 10] == 0 and mask[100, 100] == 1 and mask[400, 375] == 2
