@@ -66,13 +66,25 @@ def create_project(project_dir: Path, results_dirs: list[Path]) -> Path:
     return project_dir / "project.qpproj"
 
 
+def hierarchy_features(hierarchy: Any) -> list[dict[str, Any]]:
+    """Every annotation *and detection* of a paquo hierarchy as GeoJSON features.
+
+    paquo's ``hierarchy.to_geojson()`` serialises annotation objects only, so a project built
+    from ``--object-type detection`` output would read back empty; detections are added from
+    ``hierarchy.detections`` (each object's ``to_geojson()``).
+    """
+    features = list(hierarchy.to_geojson())
+    features.extend(d.to_geojson() for d in hierarchy.detections)
+    return features
+
+
 def read_project_annotations(project_dir: Path) -> dict[str, ImportReport]:
-    """Annotations of every image of a (pathologist-edited) project, per image name."""
+    """Annotations and detections of every image of a (pathologist-edited) project, per image name."""
     QuPathProject, _, _ = _paquo()
     out: dict[str, ImportReport] = {}
     with QuPathProject(project_dir, mode="r") as qp:
         for image in qp.images:
             out[image.image_name] = parse_qupath_geojson(
-                image.hierarchy.to_geojson(), f"{project_dir}:{image.image_name}"
+                hierarchy_features(image.hierarchy), f"{project_dir}:{image.image_name}"
             )
     return out
