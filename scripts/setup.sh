@@ -10,8 +10,10 @@ if command -v apt-get >/dev/null 2>&1; then
   if [ -n "$missing" ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     echo "installing Debian packages: $missing" >&2
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    # wait (up to 10 min) for another apt/dpkg process instead of failing on its lock
+    lock="-o DPkg::Lock::Timeout=600"
+    $SUDO apt-get $lock update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get $lock install -y -qq --no-install-recommends $missing >/dev/null
   fi
 fi
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import GeoJSONError, ZooError
+from zoo.errors import GeoJSONError, OutputError, ZooError
 
 EPILOG = "Models: `zoo list`. Results of `zoo run` go to OUT/<slide name>/ (mask.tiff, annotations.geojson, run.json)."
 
@@ -160,6 +160,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    p.add_argument("--quiet", action="store_true", help="print only warnings and errors (no progress, no result lines)")
+    p.add_argument("--log", default=None, metavar="FILE", help="also append every message of the run to FILE")
+    p.add_argument(
+        "--device",
+        type=int_at_least(0),
+        default=None,
+        help="GPU index for the CUDA provider (needs onnxruntime-gpu: pip install '.[gpu]')",
+    )
     p.add_argument(
         "--json", action="store_true", help="print per-slide results as JSON on stdout (and nothing else there)"
     )
@@ -199,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="NAME or NAME@VERSION (see `zoo list`)")
     p.add_argument("slides", nargs="+", help="slide files, folders of slides, or quoted globs")
     _add_run_options(p)
+
+    p = sub.add_parser(
+        "show",
+        help="where a result's picture and tables are (OUT/<slide>), or a batch's summary (OUT)",
+        formatter_class=fmt,
+    )
+    p.add_argument("result", help="a result folder written by `zoo run`, or its --out folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("demo", help="run the default model on the bundled real slide", formatter_class=fmt)
     _add_run_options(p)
@@ -314,8 +330,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     data = entry.model_dump(mode="json")
     data["versions"] = reg.versions(entry.name)
     data["weights"]["path"] = str(reg.resolve(entry.weights.uri))
-    _print(data, args.json)
+    if args.json:
+        _print(data, True)
+        return 0
+    print(model_card_text(entry, reg))
     return 0
+
+
+def model_card_text(entry: Any, reg: Any) -> str:
+    """A readable summary of a registry entry (``zoo info``)."""
+    spec, out, w = entry.input, entry.output, entry.weights
+    lines = [f"{entry.id}  ({entry.task}{', default model' if entry.name == reg.default_model else ''})"]
+    lines.append(f"  {entry.summary}")
+    lines.append(f"  versions: {', '.join(reg.versions(entry.name))}")
+    lines.append("  classes:")
+    lines += [f"    {c.index:>3}  {c.name:<16} colour {tuple(c.color)}" for c in entry.classes]
+    if spec.mode == "tiled":
+        lines.append(
+            f"  input: {spec.patch_size_px[0]}x{spec.patch_size_px[1]} px tiles at {spec.target_mpp:g} µm/px, "
+            f"{spec.overlap:.0%} overlap, {spec.channels} channels {spec.channel_order}, pixel x {spec.scale:.4g} "
+            f"then (- mean {list(spec.mean)}) / std {list(spec.std)}"
+        )
+    else:
+        lines.append(f"  input: the whole slide resized to {spec.patch_size_px[0]}x{spec.patch_size_px[1]} px")
+    if spec.trained_mpp:
+        lines.append(f"  trained at: {', '.join(f'{m:g}' for m in spec.trained_mpp)} µm/px")
+    lines.append(f"  output: {out.channels} channel(s), {out.activation}, threshold {out.threshold:g}")
+    files = [w.uri, *(f.path for f in w.files)]
+    lines.append(f"  weights: {', '.join(files)} (sha256 {w.sha256[:12]}…, checked before every use)")
+    lines.append(f"  licence: {entry.licence}")
+    for key in ("trained_by", "source", "training_data", "labels"):
+        if key in entry.provenance:
+            lines.append(f"  {key.replace('_', ' ')}: {entry.provenance[key]}")
+    for k, v in entry.metrics.items():
+        if isinstance(v, (int, float)):
+            lines.append(f"  {k.replace('_', ' ')}: {v:g}")
+    if entry.card:
+        lines.append(f"  model card: {reg.resolve(entry.card)}")
+    lines.append("  machine-readable: zoo info --json " + entry.id)
+    return "\n".join(lines)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -340,15 +393,65 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from zoo.slide import open_slide
+    from zoo.slide import open_slide, slide_base_mpp
 
     with open_slide(args.slide, backend=args.backend) as s:
-        _print(s.describe(), args.json)
+        info = s.describe()
+        mpp0, source = slide_base_mpp(s)
+        info["resolution_used"] = {"mpp": mpp0, "source": source}
+        _print(info, args.json)
+    if source in ("assumed default", "objective power"):
+        print(
+            f"warning: {args.slide} has no resolution metadata; zoo will assume {mpp0:g} µm/px at level 0 "
+            f"({source}); pass --slide-mpp to `zoo run` if that is wrong",
+            file=sys.stderr,
+        )
     return 0
 
 
+class Console:
+    """Where a run's messages go: result lines on stdout (not with --json or --quiet), warnings and
+    errors on stderr, everything also to --log FILE."""
+
+    def __init__(self, quiet: bool = False, as_json: bool = False, log: str | None = None) -> None:
+        self.quiet, self.as_json = quiet, as_json
+        self.log = open(log, "a", encoding="utf-8") if log else None
+
+    def _log(self, line: str) -> None:
+        if self.log:
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def info(self, line: str) -> None:
+        self._log(line)
+        if not (self.quiet or self.as_json):
+            print(line, flush=True)
+
+    def note(self, line: str) -> None:
+        self._log(line)
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    def warn(self, line: str) -> None:
+        self._log(line)
+        print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
+
+
 def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
-    from zoo.jobs import JobConfig, JobResult, check_writable, expand_slides, run_many, run_many_dask
+    from zoo.jobs import (
+        JobConfig,
+        JobResult,
+        check_writable,
+        expand_slides,
+        run_many,
+        run_many_dask,
+        summary_row,
+        write_batch_summary,
+    )
     from zoo.registry import load_registry, verified_model_files
     from zoo.runner import RunOptions, check_providers
 
@@ -361,8 +464,14 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         return 1
     if args.providers:
         check_providers(args.providers)
+    if args.device is not None:
+        check_providers(["CUDAExecutionProvider"])
     verified_model_files(entry, reg)  # a tampered model fails once, before any output
     check_writable(args.out)  # before any inference
+    try:
+        con = Console(args.quiet, args.json, args.log)
+    except OSError as err:
+        raise OutputError(f"{args.log}: cannot write the log ({err.strerror}); choose another --log file") from err
     run = RunOptions(
         target_mpp=args.mpp,
         level=args.level,
@@ -372,7 +481,8 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         providers=args.providers,
         threads=args.threads,
         skip_background=args.skip_background,
-        progress=args.progress and sys.stderr.isatty(),
+        progress=args.progress and not args.quiet and sys.stderr.isatty(),
+        device=args.device,
     )
     cfg = JobConfig(
         model=entry.id,
@@ -388,29 +498,24 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         on_bad_tile=args.on_bad_tile,
     )
 
-    def note(msg: str) -> None:
-        print(f"note: {msg}", file=sys.stderr)
-
     def report(k: int, r: JobResult) -> None:  # one line per slide, as it finishes
         where = f"[{k + 1}/{len(paths)}]"
         if r.status == "failed":
-            print(f"error: {where} {r.error}", file=sys.stderr)
+            con.warn(f"error: {where} {r.error}")
             return
         if r.status == "ok" and r.summary.get("slide_mpp_source") in ("assumed default", "objective power"):
             mpp = r.summary.get("level", {}).get("slide_mpp")
-            print(
+            con.warn(
                 f"warning: {where} {r.slide} has no resolution metadata; assumed {mpp:g} µm/px at level 0 "
-                f"({r.summary['slide_mpp_source']}); pass --slide-mpp if that is wrong",
-                file=sys.stderr,
+                f"({r.summary['slide_mpp_source']}); pass --slide-mpp if that is wrong"
             )
         if r.status == "ok" and r.summary.get("bad_tiles"):
-            print(
+            con.warn(
                 f"warning: {where} {r.slide}: {r.summary['bad_tiles']} undecodable tile(s) masked as unknown "
-                "(listed in run.json)",
-                file=sys.stderr,
+                "(listed in run.json)"
             )
-        if args.json:
-            return
+        for w in r.summary.get("warnings", []):
+            con.warn(f"warning: {where} {r.slide}: {w}")
         if r.status == "ok":
             areas = ", ".join(
                 f"{k} {v['area_mm2']:.3f} mm² ({v['fraction']:.1%})"
@@ -419,20 +524,87 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
                 for k, v in r.summary.get("classes", {}).items()
                 if k.lower() != "background"
             )
-            print(f"{where} ok: {r.slide} -> {r.out}: {areas}", flush=True)
+            con.info(f"{where} ok: {r.slide} -> {r.out}: {areas}")
         else:
-            print(f"{where} {r.status}: {r.slide} -> {r.out}: {r.summary.get('reason', '')}", flush=True)
+            con.info(f"{where} {r.status}: {r.slide} -> {r.out}: {r.summary.get('reason', '')}")
 
-    if args.workers or args.scheduler:
-        results = run_many_dask(paths, cfg, scheduler=args.scheduler, workers=max(1, args.workers), on_result=report)
+    try:
+        if args.workers or args.scheduler:
+            results = run_many_dask(
+                paths,
+                cfg,
+                scheduler=args.scheduler,
+                workers=max(1, args.workers),
+                on_result=report,
+                on_message=con.note,
+                progress=run.progress,
+            )
+        else:
+            results = run_many(paths, cfg, on_result=report, on_message=con.note)
+        csv_path, html_path = write_batch_summary(args.out, results)
+        if args.json:
+            _emit_json([asdict(r) for r in results])
+        if len(results) > 1:
+            con.info(_table([summary_row(r) for r in results]))
+        for name, p in (("summary.csv", csv_path), ("summary.html", html_path)):
+            if p is None:
+                con.warn(f"warning: {Path(args.out) / name} exists and was not written by zoo; left as it is")
+        if html_path is not None and len(results) > 1:
+            con.note(f"pictures of every slide: {html_path}")
+        elif len(results) == 1 and results[0].status != "failed" and results[0].out:
+            con.note(f"picture: {Path(results[0].out) / 'overview.png'}")
+        failed = sum(r.status == "failed" for r in results)
+        if failed and len(results) > 1:
+            con.warn(f"{failed} of {len(results)} slides failed")
+        return 1 if failed else 0
+    finally:
+        con.close()
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    """The batch summary as an aligned text table."""
+    cols = [("status", 7), ("slide", 34), ("mask_mpp", 8), ("tiles_run", 9), ("seconds", 8), ("classes", 0)]
+    head = "  ".join(f"{c:<{w}}" if w else c for c, w in cols)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for c, w in cols:
+            v = str(r.get(c, "")) if c != "slide" else Path(r["slide"]).name
+            if c == "classes" and r["status"] == "failed":
+                v = str(r.get("message", ""))[:100]
+            cells.append(f"{v[:w]:<{w}}" if w else v)
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Where a result's (or a batch's) pictures and tables are."""
+    p = Path(args.result)
+    if p.is_file() and p.name == "run.json":
+        p = p.parent
+    if (p / "run.json").is_file():
+        info = json.loads((p / "run.json").read_text(encoding="utf-8"))
+        out = {
+            "picture": str(p / "overview.png") if (p / "overview.png").exists() else None,
+            "slide": info.get("slide", {}).get("path"),
+            "model": info.get("model", {}).get("id"),
+            "classes": info.get("classes"),
+            "files": sorted(x.name for x in p.iterdir() if not x.name.startswith(".")),
+        }
+    elif (p / "summary.html").is_file() or (p / "summary.csv").is_file():
+        out = {
+            "summary_html": str(p / "summary.html") if (p / "summary.html").exists() else None,
+            "summary_csv": str(p / "summary.csv") if (p / "summary.csv").exists() else None,
+            "results": sorted(str(x) for x in p.iterdir() if (x / "run.json").is_file()),
+        }
     else:
-        results = run_many(paths, cfg, on_result=report, on_message=note)
+        raise OutputError(f"{p}: not a result folder of `zoo run` (no run.json or summary); pass OUT/<slide> or OUT")
     if args.json:
-        _emit_json([asdict(r) for r in results])
-    failed = sum(r.status == "failed" for r in results)
-    if failed and len(results) > 1:
-        print(f"{failed} of {len(results)} slides failed", file=sys.stderr)
-    return 1 if failed else 0
+        _print(out, True)
+    else:
+        for k, v in out.items():
+            print(f"{k}: {json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v}")
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -680,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         "edits": cmd_edits,
         "export": cmd_export,
         "qupath-project": cmd_qupath_project,
+        "show": cmd_show,
     }
     previous = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # not in the main thread (tests): keep the default

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -51,7 +52,29 @@ from zoo.slide import open_slide
 FORMATS = ("tiff", "geojson", "probability")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".btf")
 #: Files a result folder may hold that zoo writes (only these, and ``probability_<class>.tiff``, are replaced).
-RESULT_FILES = {"tiff": "mask.tiff", "geojson": "annotations.geojson", "table": "classes.csv"}
+RESULT_FILES = {
+    "tiff": "mask.tiff",
+    "geojson": "annotations.geojson",
+    "table": "classes.csv",
+    "picture": "overview.png",
+}
+SUMMARY_COLUMNS = [
+    "slide",
+    "status",
+    "message",
+    "model",
+    "result_folder",
+    "level",
+    "mask_mpp",
+    "slide_mpp",
+    "slide_mpp_source",
+    "resolution_assumed",
+    "classes",
+    "tiles_run",
+    "tiles_total",
+    "seconds",
+    "peak_rss_mb",
+]
 MAX_NAME_CHARS = 80
 PARTIAL_MARKER = ".zoo-partial"
 
@@ -302,7 +325,7 @@ def probability_file(class_name: str) -> str:
 
 def expected_outputs(cfg: JobConfig, entry: ModelEntry) -> list[str]:
     """Files a finished result folder holds for ``cfg`` (run.json aside)."""
-    names = [RESULT_FILES["table"]]
+    names = [RESULT_FILES["table"], RESULT_FILES["picture"]]
     if "tiff" in cfg.formats:
         names.append(RESULT_FILES["tiff"])
     if "geojson" in cfg.formats:
@@ -360,15 +383,18 @@ def _run_locked(
     from bridge.geojson import ClassStyle, mask_to_feature_collection
     from zoo.labelmask import UNKNOWN_LABEL
     from zoo.outputs import current_umask, write_json, write_mask_tiff
+    from zoo.pictures import render_overview, sample_mask
     from zoo.runner import OnnxModel, predict_slide
+    from zoo.slide import thumbnail
 
     files = verified_model_files(entry, reg)
     identity = slide_identity(slide_path)
     t0 = time.perf_counter()
     with open_slide(slide_path, backend=cfg.backend, on_bad_tile=cfg.on_bad_tile) as slide:  # type: ignore[arg-type]
-        model = OnnxModel(files[0], entry, cfg.run.providers, cfg.run.threads)
+        model = OnnxModel(files[0], entry, cfg.run.providers, cfg.run.threads, cfg.run.device)
         pred = predict_slide(slide, model, cfg.run)
         slide_info = slide.describe()
+        thumb, thumb_ds = thumbnail(slide, max_side_px=1024)
     choice = pred.choice
     mpp0 = choice.mpp0 if choice else (slide_info["mpp"] or cfg.run.slide_mpp)
     mpp_source = choice.mpp_source if choice else ("file" if slide_info["mpp"] else "--slide-mpp")
@@ -445,6 +471,20 @@ def _run_locked(
                 )
         write_class_table(work / RESULT_FILES["table"], areas)
         outputs["table"] = RESULT_FILES["table"]
+        caption = f"{entry.id} · mask at {mask_mpp:.2f} µm/px" if mask_mpp else f"{entry.id}"
+        caption += f" · {slide_path.name}"
+        if mpp0_assumed:
+            caption += f" · slide resolution ASSUMED {mpp0:g} µm/px ({mpp_source})"
+        render_overview(
+            work / RESULT_FILES["picture"],
+            thumb,
+            sample_mask(pred.mask, thumb.shape[:2], thumb_ds / pred.downsample),
+            entry.classes,
+            None if mpp0 is None else mpp0 * thumb_ds,
+            caption,
+            areas,
+        )
+        outputs["picture"] = RESULT_FILES["picture"]
         run_info = {
             "zoo_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -483,6 +523,13 @@ def _run_locked(
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
         pred.close()
+    warnings = []
+    pre = pred.stats.get("premask_tissue_fraction")
+    if pre and pre > 0 and not any(fractions.get(c.index, 0.0) for c in entry.foreground):
+        warnings.append(
+            f"the pre-mask sees tissue ({pre:.1%} of the slide) but the model found none at {pred.mpp:g} µm/px: "
+            "small tissue may vanish at a coarse resolution; try a finer --mpp (e.g. --mpp 2 or 1)"
+        )
     summary = {
         "model": entry.id,
         "classes": areas,
@@ -491,6 +538,10 @@ def _run_locked(
         "slide_mpp_source": mpp_source,
         "bad_tiles": len(pred.stats.get("bad_tiles", [])),
         "rerun_reason": rerun_reason,
+        "tiles_run": pred.stats.get("tiles_run"),
+        "tiles_total": pred.stats.get("tiles_total"),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "warnings": warnings,
     }
     return JobResult(str(slide_path), "ok", str(dest), summary=summary)
 
@@ -565,7 +616,8 @@ def run_many(
     dirs = result_dirs(slides, cfg.out_dir)
     results = []
     for k, s in enumerate(slides):
-        r = run_slide_safe(s, cfg, dirs[s], on_message)
+        label = f"[{k + 1}/{len(slides)}] {s.name}"
+        r = run_slide_safe(s, replace(cfg, run=replace(cfg.run, progress_label=label)), dirs[s], on_message)
         results.append(r)
         if on_result:
             on_result(k, r)
@@ -579,10 +631,14 @@ def run_many_dask(
     workers: int = 2,
     threads_per_worker: int = 1,
     on_result: Callable[[int, JobResult], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> list[JobResult]:
     """Run slides on a Dask cluster: ``scheduler`` address, or a local cluster of ``workers`` processes.
 
     Each task runs one slide; the ONNX session uses ``cfg.run.threads`` threads per worker.
+    ``progress`` shows a batch-level bar (slides done) on stderr; ``on_message`` is told the
+    dashboard address when the cluster has one.
 
     Raises:
         ZooError: dask is not installed, or the scheduler cannot be reached.
@@ -613,7 +669,17 @@ def run_many_dask(
             f"{scheduler}: cannot reach the Dask scheduler ({type(err).__name__}); check the address "
             "(tcp://host:8786) and that the scheduler is running"
         ) from err
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(slides), desc="slides", unit="slide", file=sys.stderr, disable=not progress, leave=False)
     try:
+        link = None
+        if scheduler:  # the local cluster runs without a dashboard (it would need bokeh)
+            with contextlib.suppress(Exception):
+                link = client.dashboard_link
+        if on_message:
+            where = scheduler or f"a local cluster of {workers} worker processes"
+            on_message(f"running {len(slides)} slide(s) on Dask: {where}" + (f"; dashboard {link}" if link else ""))
         order = {str(s): k for k, s in enumerate(slides)}
         futures = [client.submit(run_slide_safe, str(s), cfg, str(dirs[s]), pure=False) for s in slides]
         results: list[JobResult | None] = [None] * len(slides)
@@ -621,12 +687,87 @@ def run_many_dask(
             r = fut.result()
             k = order[r.slide]
             results[k] = r
+            bar.update(1)
             if on_result:
                 on_result(k, r)
         return [r for r in results if r is not None]
     finally:
+        bar.close()
         client.close()
         if cluster is not None:
             cluster.close()
 
 
+# --------------------------------------------------------------------------- batch summary
+
+
+def summary_row(r: JobResult) -> dict[str, Any]:
+    """One row of ``summary.csv`` for a slide's result (a skipped slide's figures come from its run.json)."""
+    s = dict(r.summary)
+    if r.status == "skipped" and r.out:
+        try:
+            info = json.loads((Path(r.out) / "run.json").read_text(encoding="utf-8"))
+            s.update(
+                model=info["model"]["id"],
+                classes=info["classes"],
+                level=info["resolution"],
+                tiles_run=info["stats"].get("tiles_run"),
+                tiles_total=info["stats"].get("tiles_total"),
+                seconds=info.get("seconds"),
+            )
+        except (OSError, ValueError, KeyError):
+            pass
+    res = s.get("level") or {}
+    areas = s.get("classes") or {}
+    message = r.error if r.status == "failed" else s.get("reason") or "; ".join(s.get("warnings") or [])
+    return {
+        "slide": r.slide,
+        "status": r.status,
+        "message": message or "",
+        "model": s.get("model", ""),
+        "result_folder": r.out if r.status != "failed" else "",
+        "level": res.get("level", ""),
+        "mask_mpp": "" if res.get("mask_mpp") is None else round(res["mask_mpp"], 4),
+        "slide_mpp": "" if res.get("slide_mpp") is None else round(res["slide_mpp"], 4),
+        "slide_mpp_source": res.get("slide_mpp_source", ""),
+        "resolution_assumed": res.get("slide_mpp_assumed", ""),
+        "classes": "; ".join(
+            f"{k} {v['area_mm2']} mm2 ({v['fraction']:.2%})"
+            if v.get("area_mm2") is not None
+            else f"{k} {v['fraction']:.2%}"
+            for k, v in areas.items()
+            if k.lower() != "background"
+        ),
+        "tiles_run": s.get("tiles_run", ""),
+        "tiles_total": s.get("tiles_total", ""),
+        "seconds": s.get("seconds", ""),
+        "peak_rss_mb": s.get("peak_rss_mb", ""),
+        "areas": areas,
+    }
+
+
+def write_batch_summary(out_dir: str | Path, results: Sequence[JobResult]) -> tuple[Path | None, Path | None]:
+    """``summary.csv`` and ``summary.html`` in ``out_dir``; a file of that name that zoo did not write is kept,
+    and then that summary is not written (returned as None)."""
+    from zoo.outputs import atomic_path
+    from zoo.pictures import write_summary_html
+
+    out = Path(out_dir)
+    rows = [summary_row(r) for r in results]
+    csv_path: Path | None = out / "summary.csv"
+    html_path: Path | None = out / "summary.html"
+    assert csv_path is not None and html_path is not None
+    if csv_path.exists() and not csv_path.read_text(encoding="utf-8", errors="replace").startswith(
+        ",".join(SUMMARY_COLUMNS)
+    ):
+        csv_path = None
+    else:
+        with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    if html_path.exists() and "zoo batch summary" not in html_path.read_text(encoding="utf-8", errors="replace"):
+        html_path = None
+    else:
+        write_summary_html(html_path, rows)
+    return csv_path, html_path

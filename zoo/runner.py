@@ -50,6 +50,8 @@ class RunOptions:
         skip_background: skip tiles whose footprint has no tissue in the thumbnail pre-mask.
         prefetch_batches: batches read ahead of inference.
         progress: show a progress bar on stderr.
+        progress_label: the bar's label (default: the slide's file name).
+        device: GPU index for the CUDA provider (None: the default GPU, or the CPU without one).
         scratch_dir: where a large label mask is memory-mapped (default: system temp).
     """
 
@@ -63,6 +65,8 @@ class RunOptions:
     skip_background: bool = True
     prefetch_batches: int = 4
     progress: bool = True
+    progress_label: str | None = None
+    device: int | None = None
     scratch_dir: Path | None = None
 
 
@@ -139,7 +143,14 @@ def default_providers() -> list[str]:
 class OnnxModel:
     """An ONNX Runtime session checked against a registry entry."""
 
-    def __init__(self, path: Path, entry: ModelEntry, providers: list[str] | None = None, threads: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        entry: ModelEntry,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        device: int | None = None,
+    ) -> None:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -147,10 +158,15 @@ class OnnxModel:
         so.inter_op_num_threads = 1
         self.entry = entry
         self.path = path
-        if providers:
-            check_providers(providers)
+        if device is not None:
+            check_providers(["CUDAExecutionProvider"])
+            chosen: list[Any] = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+        else:
+            if providers:
+                check_providers(providers)
+            chosen = list(providers or default_providers())
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers or default_providers())
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelInputError(f"{path}: ONNX Runtime cannot load {entry.id} ({err}); re-export the model") from err
         self.providers = self.session.get_providers()
@@ -268,6 +284,7 @@ class TilePlan:
         xs, ys: tile origins along x and y (overlapping, the last flush with the edge).
         jobs: (row, column) indices into ``ys``/``xs`` of the tiles to run, row-major.
         premask_s: seconds spent on the background pre-mask.
+        premask_fraction: fraction of the slide the pre-mask calls tissue (None when not run).
     """
 
     choice: LevelChoice
@@ -278,6 +295,7 @@ class TilePlan:
     ys: list[int]
     jobs: list[tuple[int, int]]
     premask_s: float
+    premask_fraction: float | None = None
 
 
 def plan_tiles(slide: Slide, entry: ModelEntry, opts: RunOptions) -> TilePlan:
@@ -296,8 +314,10 @@ def plan_tiles(slide: Slide, entry: ModelEntry, opts: RunOptions) -> TilePlan:
     xs, ys = tile_positions(width, pw, sx), tile_positions(height, ph, sy)
     t0 = time.perf_counter()
     keep: np.ndarray | None = None
+    pre_fraction = None
     if opts.skip_background:
         pre, pre_ds = background_premask(slide)
+        pre_fraction = float(pre.mean())
         scale = choice.downsample / pre_ds  # premask pixels per model pixel
         keep = np.zeros((len(ys), len(xs)), bool)
         for j, y in enumerate(ys):
@@ -306,7 +326,7 @@ def plan_tiles(slide: Slide, entry: ModelEntry, opts: RunOptions) -> TilePlan:
                 y1, x1 = math.ceil((y + ph) * scale), math.ceil((x + pw) * scale)
                 keep[j, i] = bool(pre[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].any())
     jobs = [(j, i) for j in range(len(ys)) for i in range(len(xs)) if keep is None or keep[j, i]]
-    return TilePlan(choice, width, height, (sx, sy), xs, ys, jobs, time.perf_counter() - t0)
+    return TilePlan(choice, width, height, (sx, sy), xs, ys, jobs, time.perf_counter() - t0, pre_fraction)
 
 
 def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
@@ -373,7 +393,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
     th = threading.Thread(target=producer, name="tile-reader", daemon=True)
     th.start()
     infer_s = 0.0
-    bar = _progress(len(jobs), slide.path.name, opts.progress)
+    bar = _progress(len(jobs), opts.progress_label or slide.path.name, opts.progress)
     try:
         while True:
             item = q.get()
@@ -411,6 +431,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         "model_dimensions_px": [width, height],
         "seconds_total": round(elapsed, 3),
         "seconds_premask": round(plan.premask_s, 3),
+        "premask_tissue_fraction": None if plan.premask_fraction is None else round(plan.premask_fraction, 5),
         "seconds_read_in_thread": round(read_s[0], 3),
         "seconds_inference": round(infer_s, 3),
         "bad_tiles": list(slide.bad_tiles),

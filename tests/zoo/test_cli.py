@@ -38,6 +38,7 @@ def test_run_writes_mask_geojson_and_provenance(cmu_slide: Path, darkness_regist
         "annotations.geojson",
         "classes.csv",
         "mask.tiff",
+        "overview.png",
         "probability_Tissue.tiff",
         "run.json",
     ]
