@@ -50,7 +50,9 @@ from zoo.runner import RunOptions
 from zoo.slide import open_slide
 
 FORMATS = ("tiff", "geojson", "probability")
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".btf")
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".btf", ".qptiff", ".dcm",
+)  # fmt: skip
 #: Files a result folder may hold that zoo writes (only these, and ``probability_<class>.tiff``, are replaced).
 RESULT_FILES = {
     "tiff": "mask.tiff",
@@ -106,12 +108,25 @@ class JobResult:
 
 
 def expand_slides(inputs: Sequence[str]) -> list[Path]:
-    """Slides named directly, by glob, or found (non-recursively) in folders, in order, without duplicates."""
+    """Slides named directly, by glob, or found in folders, in order, without duplicates.
+
+    A folder holding a DICOM WSI series (``.dcm`` files) is one slide; otherwise its slide files
+    and its sub-folders that hold a DICOM series are listed (one level down, not recursively).
+    """
+    from zoo.slide import dicom_series_file
+
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir() and p.suffix.lower() != ".mrxs":
-            found.extend(sorted(c for c in p.iterdir() if c.suffix.lower() in SLIDE_SUFFIXES and not c.is_dir()))
+            if dicom_series_file(p) is not None:
+                found.append(p)
+                continue
+            for c in sorted(p.iterdir()):
+                if c.is_dir() and (c.suffix.lower() == ".mrxs" or dicom_series_file(c) is not None):
+                    found.append(c)
+                elif c.is_file() and c.suffix.lower() in SLIDE_SUFFIXES and c.suffix.lower() != ".dcm":
+                    found.append(c)
         elif any(ch in item for ch in "*?[") and not p.exists():
             found.extend(Path(m) for m in sorted(glob.glob(item)))
         else:
@@ -154,6 +169,14 @@ def _resolved(p: Path) -> Path:
         return p.absolute()
 
 
+def slide_stem(slide: Path) -> str:
+    """The slide's name without its suffix (``x.ome.tif`` -> ``x``; a DICOM series folder -> its name)."""
+    if slide.is_dir():
+        return slide.name
+    stem = slide.stem
+    return stem[:-4] if stem.lower().endswith(".ome") else stem
+
+
 def safe_name(stem: str) -> str:
     """A result folder name from a slide's file stem: ``[A-Za-z0-9._-]``, no leading dot, never empty."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".")
@@ -181,10 +204,10 @@ def result_dirs(slides: Sequence[Path], out_dir: str | Path) -> dict[Path, Path]
     out = Path(out_dir)
     groups: dict[str, set[Path]] = {}
     for s in slides:
-        groups.setdefault(safe_name(s.stem).casefold(), set()).add(_resolved(s))
+        groups.setdefault(safe_name(slide_stem(s)).casefold(), set()).add(_resolved(s))
     dirs: dict[Path, Path] = {}
     for s in slides:
-        base = safe_name(s.stem)
+        base = safe_name(slide_stem(s))
         plain = out / base
         owner = _owner(plain) if plain.exists() else None
         shared = len(groups[base.casefold()]) > 1
@@ -273,9 +296,15 @@ def check_writable(out_dir: str | Path) -> None:
 
 
 def slide_identity(slide: Path) -> dict[str, Any]:
-    """What identifies a slide's content cheaply: resolved path, size and modification time."""
-    st = slide.stat()
-    return {"resolved_path": str(_resolved(slide)), "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What identifies a slide's content cheaply: resolved path, size and modification time
+    (for a DICOM series folder: the total size and the newest time of its files)."""
+    if slide.is_dir():
+        stats = [c.stat() for c in slide.iterdir() if c.is_file()]
+        size, mtime = sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+    else:
+        st = slide.stat()
+        size, mtime = st.st_size, st.st_mtime_ns
+    return {"resolved_path": str(_resolved(slide)), "size_bytes": size, "mtime_ns": mtime}
 
 
 def request_of(cfg: JobConfig, entry: ModelEntry) -> dict[str, Any]:
@@ -358,11 +387,10 @@ def run_slide(
     reg = registry or load_registry(cfg.registry_path)
     entry = reg.get(cfg.model)
     dest = dest or result_dirs([slide_path], cfg.out_dir)[slide_path]
-    if not slide_path.is_file():
+    if not slide_path.exists():
         from zoo.errors import SlideOpenError
 
-        what = "is a folder, not a slide" if slide_path.is_dir() else "no such file"
-        raise SlideOpenError(f"{slide_path}: {what}; check the path")
+        raise SlideOpenError(f"{slide_path}: no such file; check the path")
     with result_lock(dest, on_message):
         removed = remove_stale_partials(dest)
         if removed and on_message:

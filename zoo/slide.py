@@ -490,7 +490,12 @@ def open_slide(path: str | Path, backend: Backend = "auto", on_bad_tile: BadTile
     if not p.exists():
         raise SlideOpenError(f"{p}: no such file; check the path")
     if p.is_dir() and p.suffix.lower() != ".mrxs":
-        raise SlideOpenError(f"{p}: is a directory, not a slide; pass a slide file")
+        dcm = dicom_series_file(p)
+        if dcm is None:
+            raise SlideOpenError(f"{p}: is a folder, not a slide (and holds no DICOM WSI); pass a slide file")
+        slide = OpenSlideSlide(dcm)
+        slide.path = p  # the series (folder) is the slide
+        return slide
     if backend == "openslide":
         return OpenSlideSlide(p)
     if backend == "tifffile":
@@ -514,6 +519,15 @@ def open_slide(path: str | Path, backend: Backend = "auto", on_bad_tile: BadTile
         f"{p}: not a readable slide ({'; '.join(errors)}); "
         "check that the file is complete (re-copy it) and in a format OpenSlide or tifffile reads"
     )
+
+
+def dicom_series_file(folder: Path) -> Path | None:
+    """One ``.dcm`` file of the DICOM WSI series in ``folder`` (OpenSlide finds the rest), or None."""
+    try:
+        files = sorted(c for c in folder.iterdir() if c.suffix.lower() == ".dcm" and c.is_file())
+    except OSError:
+        return None
+    return next((f for f in files if _detect_openslide_format(f) == "dicom"), None)
 
 
 def _detect_openslide_format(path: Path) -> str | None:
