@@ -44,7 +44,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int, mode_arg: str = "") -> dict[str, Any]:
+def child_zoo(
+    slide: str,
+    model: str,
+    mpp: float,
+    mode: str,
+    batch: int,
+    engine: str = "onnxruntime",
+    precision: str = "fp32",
+    mode_arg: str = "",
+) -> dict[str, Any]:
     from zoo.registry import load_registry, verified_weights
     from zoo.runner import OnnxModel, RunOptions, plan_tiles, predict_slide
     from zoo.slide import open_slide, read_scaled
@@ -53,11 +62,13 @@ def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int, mode_ar
     entry = reg.get(model)
     with open_slide(slide) as s:
         if mode == "zoo":
-            m = OnnxModel(verified_weights(entry, reg), entry)
+            m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision)
             t = time.perf_counter()
             pred = predict_slide(s, m, RunOptions(target_mpp=mpp, progress=False, batch_size=batch))
             secs = time.perf_counter() - t
             tissue_px0 = float(pred.mask.class_counts()[1:].sum()) * pred.downsample**2
+            if mode_arg:  # the label mask, for Dice against fp32 in the parent
+                np.save(mode_arg, pred.mask.to_array())
             return {
                 "seconds": secs,
                 "tiles": pred.stats["tiles_run"],
@@ -70,7 +81,7 @@ def child_zoo(slide: str, model: str, mpp: float, mode: str, batch: int, mode_ar
         t = time.perf_counter()
         plan = plan_tiles(s, entry, RunOptions(target_mpp=mpp))  # the runner's pre-mask and tile list
         if mode == "infer":  # compute floor: the runner's tile count through ONNX Runtime, tiles in memory
-            m = OnnxModel(verified_weights(entry, reg), entry)
+            m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision)
             n_tiles, pool = int(mode_arg), 4 * batch
             if not plan.jobs:  # all glass: nothing to infer
                 return {"seconds": 0.0, "tiles": 0, "peak_rss_mb": _peak_rss_mb()}
@@ -170,6 +181,13 @@ def main() -> int:
     ap.add_argument("--big", action="store_true", help="benchmark on a generated 4x4 mosaic of --slide")
     ap.add_argument("--no-fast", action="store_true", help="skip FAST")
     ap.add_argument(
+        "--engines",
+        nargs="+",
+        default=["onnxruntime:fp32", "openvino:bf16"],
+        help="ENGINE:PRECISION pairs to run the runner with (Dice of each label mask against the first)",
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="runs of the runner per pair (min and median reported)")
+    ap.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_runner.json", help="JSON results"
     )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -178,6 +196,12 @@ def main() -> int:
         s, m, mpp, mode, batch, *rest = a.child
         print(json.dumps(child_zoo(s, m, float(mpp), mode, int(batch), *rest)))
         return 0
+    import statistics
+    import tempfile
+
+    from bridge.edits import dice
+
+    pairs = [tuple(p.split(":", 1)) for p in a.engines]
     workdir = REPO / "benchmarks" / "results"
     workdir.mkdir(parents=True, exist_ok=True)
     slide = a.slide
@@ -192,52 +216,87 @@ def main() -> int:
     gflop_tile = onnx_gflop_per_tile(verified_weights(entry, reg), entry.input.patch_size_px)
     peak = sgemm_gflops()
     rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-runner-"))
     for mpp in a.mpp:
-        zoo = run_child(str(slide), a.model, str(mpp), "zoo", str(a.batch_size))
         floor = run_child(str(slide), a.model, str(mpp), "floor", str(a.batch_size))
-        infer = run_child(str(slide), a.model, str(mpp), "infer", str(a.batch_size), str(zoo["tiles"]))
         fast = {"error": "skipped"} if a.no_fast else run_fast(slide, a.model, mpp, workdir)
-        row = {
-            "slide": slide.name,
-            "mpp": mpp,
-            "zoo": zoo,
-            "floor": floor,
-            "infer": infer,
-            "fast": fast,
-            "gflop_per_tile": gflop_tile,
-            "sgemm_gflops": peak,
-            "infer_gflops": gflop_tile * infer["tiles"] / infer["seconds"],
-            "zoo_over_floor_plus_infer": zoo["seconds"] / (floor["seconds"] + infer["seconds"]),
-            "zoo_tiles_per_s": zoo["tiles"] / zoo["seconds"],
-            "zoo_tissue_mpx0_per_s": zoo["tissue_mpx0"] / zoo["seconds"],
-            "zoo_over_floor": zoo["seconds"] / max(floor["seconds"], 1e-9),
-            "zoo_over_fast": zoo["seconds"] / fast["seconds"] if "seconds" in fast else None,
-        }
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+        ref_mask = None
+        for engine, precision in pairs:
+            mask_file = scratch / f"{engine}-{precision}-{mpp}.npy"
+            runs = [
+                run_child(str(slide), a.model, str(mpp), "zoo", str(a.batch_size), engine, precision, str(mask_file))
+                for _ in range(max(1, a.repeat))
+            ]
+            secs = [r["seconds"] for r in runs]
+            zoo = {**runs[0], "seconds": min(secs), "seconds_median": statistics.median(secs), "seconds_all": secs}
+            mask = np.load(mask_file)
+            ref_mask = mask if ref_mask is None else ref_mask
+            fg = [int(v) for v in np.unique(ref_mask) if v != 0] or [1]
+            dice_vs_first = min(dice(mask == v, ref_mask == v) for v in fg)
+            infer = run_child(
+                str(slide), a.model, str(mpp), "infer", str(a.batch_size), engine, precision, str(zoo["tiles"])
+            )
+            rows.append(_row(slide, mpp, engine, precision, zoo, floor, infer, fast, gflop_tile, peak, dice_vs_first))
+            print(json.dumps(rows[-1]), file=sys.stderr)
     a.out.write_text(json.dumps(rows, indent=1))
-    providers = rows[0]["zoo"]["providers"]
+    providers = sorted({p for r in rows for p in r["zoo"]["providers"]})
+    load = os.getloadavg()
     print(
         f"slide: {slide.name}; model: {a.model} ({gflop_tile:.2f} GFLOP per tile); CPU cores: {os.cpu_count()}; "
-        f"providers: {providers}; machine sgemm: {peak:.0f} GFLOP/s"
+        f"providers: {providers}; machine sgemm: {peak:.0f} GFLOP/s; load average {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}; runner runs per row: {max(1, a.repeat)} (min, median)"
     )
     print(
-        "| µm/px | tiles | zoo s | tiles/s | tissue MPx(L0)/s | zoo RSS MB | floor s | zoo/floor | infer s | "
-        "infer GFLOP/s | zoo/(floor+infer) | FAST s | FAST RSS MB | zoo/FAST |"
+        "| µm/px | engine | tiles | zoo s (min) | zoo s (median) | tiles/s | zoo RSS MB | floor s | zoo/floor | "
+        "infer s | infer GFLOP/s | zoo/(floor+infer) | FAST s | zoo/FAST | Dice vs first |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r["fast"]
         fs = f"{f['seconds']:.2f}" if "seconds" in f else "n/a"
-        frss = f"{f['peak_rss_mb']:.0f}" if "peak_rss_mb" in f else "n/a"
         ratio = f"{r['zoo_over_fast']:.2f}" if r["zoo_over_fast"] else "n/a"
         print(
-            f"| {r['mpp']:g} | {r['zoo']['tiles']} | {r['zoo']['seconds']:.2f} | {r['zoo_tiles_per_s']:.1f} | "
-            f"{r['zoo_tissue_mpx0_per_s']:.1f} | {r['zoo']['peak_rss_mb']:.0f} | {r['floor']['seconds']:.2f} | "
-            f"{r['zoo_over_floor']:.2f} | {r['infer']['seconds']:.2f} | {r['infer_gflops']:.0f} | "
-            f"{r['zoo_over_floor_plus_infer']:.2f} | {fs} | {frss} | {ratio} |"
+            f"| {r['mpp']:g} | {r['engine']} {r['precision']} | {r['zoo']['tiles']} | {r['zoo']['seconds']:.2f} | "
+            f"{r['zoo']['seconds_median']:.2f} | {r['zoo_tiles_per_s']:.1f} | {r['zoo']['peak_rss_mb']:.0f} | "
+            f"{r['floor']['seconds']:.2f} | {r['zoo_over_floor']:.2f} | {r['infer']['seconds']:.2f} | "
+            f"{r['infer_gflops']:.0f} | {r['zoo_over_floor_plus_infer']:.2f} | {fs} | {ratio} | "
+            f"{r['dice_vs_first']:.5f} |"
         )
     return 0
+
+
+def _row(
+    slide: Path,
+    mpp: float,
+    engine: str,
+    precision: str,
+    zoo: dict[str, Any],
+    floor: dict[str, Any],
+    infer: dict[str, Any],
+    fast: dict[str, Any],
+    gflop_tile: float,
+    peak: float,
+    dice_vs_first: float,
+) -> dict[str, Any]:
+    return {
+        "slide": slide.name,
+        "mpp": mpp,
+        "engine": engine,
+        "precision": precision,
+        "dice_vs_first": dice_vs_first,
+        "zoo": zoo,
+        "floor": floor,
+        "infer": infer,
+        "fast": fast,
+        "gflop_per_tile": gflop_tile,
+        "sgemm_gflops": peak,
+        "infer_gflops": gflop_tile * infer["tiles"] / infer["seconds"],
+        "zoo_over_floor_plus_infer": zoo["seconds"] / (floor["seconds"] + infer["seconds"]),
+        "zoo_tiles_per_s": zoo["tiles"] / zoo["seconds"],
+        "zoo_tissue_mpx0_per_s": zoo["tissue_mpx0"] / zoo["seconds"],
+        "zoo_over_floor": zoo["seconds"] / max(floor["seconds"], 1e-9),
+        "zoo_over_fast": zoo["seconds"] / fast["seconds"] if "seconds" in fast else None,
+    }
 
 
 if __name__ == "__main__":

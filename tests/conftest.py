@@ -78,18 +78,12 @@ def make_darkness_onnx(path: Path, patch_px: int = 64) -> Path:
     return path
 
 
-@pytest.fixture()
-def darkness_registry(tmp_path: Path) -> Path:
-    """A registry with one tiled pointwise model (threshold 0.5 on darkness), weights pinned."""
-    from zoo.registry import sha256_file
-
-    w = make_darkness_onnx(tmp_path / "darkness.onnx")
-    reg = tmp_path / "registry.yaml"
-    reg.write_text(
-        f"""schema_version: 1
-default_model: darkness
+def darkness_registry_text(weights: str, sha256: str, name: str = "darkness", extra_weights: str = "") -> str:
+    """registry.yaml text with one tiled pointwise model (threshold 0.2 on darkness) at ``weights``."""
+    return f"""schema_version: 1
+default_model: {name}
 models:
-  - name: darkness
+  - name: {name}
     version: 0.1.0
     task: tissue-segmentation
     summary: pointwise test model
@@ -99,12 +93,20 @@ models:
       - {{index: 1, name: Tissue, color: [0, 160, 0]}}
     input: {{mode: tiled, patch_size_px: [64, 64], overlap: 0.25, input_name: image, target_mpp: 2.0}}
     output: {{output_name: prob, activation: sigmoid, threshold: 0.2}}
-    weights: {{uri: darkness.onnx, sha256: {sha256_file(w)}}}
+    weights: {{uri: {weights}, sha256: {sha256}{", " + extra_weights if extra_weights else ""}}}
     licence: MIT
     provenance: {{made_by: tests/conftest.py}}
-""",
-        encoding="utf-8",
-    )
+"""
+
+
+@pytest.fixture()
+def darkness_registry(tmp_path: Path) -> Path:
+    """A registry with one tiled pointwise model (threshold 0.2 on darkness), weights pinned."""
+    from zoo.registry import sha256_file
+
+    w = make_darkness_onnx(tmp_path / "darkness.onnx")
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(darkness_registry_text("darkness.onnx", sha256_file(w)), encoding="utf-8")
     return reg
 
 

@@ -133,6 +133,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int_at_least(0), default=0, help="CPU inference threads (0: one per core)")
     p.add_argument(
+        "--engine",
+        choices=["auto", "onnxruntime", "openvino"],
+        default="auto",
+        help="inference engine; auto picks the fastest the model's entry allows here that passes its check",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="arithmetic precision; each is verified against fp32 on the model's bundled test before use",
+    )
+    p.add_argument(
         "--all-tiles",
         dest="skip_background",
         action="store_false",
@@ -496,7 +508,14 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         object_type=args.object_type,
         force=args.force,
         on_bad_tile=args.on_bad_tile,
+        engine=args.engine,
+        precision=args.precision,
     )
+    from zoo.runner import default_providers
+    from zoo.verify import select_engine
+
+    gpu = args.device is not None or "CUDAExecutionProvider" in (args.providers or default_providers())
+    select_engine(entry, reg, args.engine, args.precision, gpu=gpu)  # an impossible request fails here, once
 
     def report(k: int, r: JobResult) -> None:  # one line per slide, as it finishes
         where = f"[{k + 1}/{len(paths)}]"
@@ -524,7 +543,7 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
                 for k, v in r.summary.get("classes", {}).items()
                 if k.lower() != "background"
             )
-            con.info(f"{where} ok: {r.slide} -> {r.out}: {areas}")
+            con.info(f"{where} ok: {r.slide} -> {r.out}: {areas} [{r.summary.get('engine', '')}]")
         else:
             con.info(f"{where} {r.status}: {r.slide} -> {r.out}: {r.summary.get('reason', '')}")
 
@@ -541,7 +560,9 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
             )
         else:
             results = run_many(paths, cfg, on_result=report, on_message=con.note)
-        csv_path, html_path = write_batch_summary(args.out, results)
+        # the batch summary, unless every slide failed (then the error lines are all there is to say)
+        ran = any(r.status != "failed" for r in results)
+        csv_path, html_path = write_batch_summary(args.out, results) if ran else (Path(), Path())
         if args.json:
             _emit_json([asdict(r) for r in results])
         if len(results) > 1:

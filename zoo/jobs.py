@@ -96,6 +96,8 @@ class JobConfig:
     object_type: str = "annotation"
     force: bool = False
     on_bad_tile: str = "fail"
+    engine: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass
@@ -323,6 +325,8 @@ def request_of(cfg: JobConfig, entry: ModelEntry) -> dict[str, Any]:
         "min_area_um2": cfg.min_area_um2,
         "object_type": cfg.object_type,
         "on_bad_tile": cfg.on_bad_tile,
+        "engine": cfg.engine,
+        "precision": cfg.precision,
     }
 
 
@@ -412,14 +416,19 @@ def _run_locked(
     from zoo.labelmask import UNKNOWN_LABEL
     from zoo.outputs import current_umask, write_json, write_mask_tiff
     from zoo.pictures import render_overview, sample_mask
-    from zoo.runner import OnnxModel, predict_slide
+    from zoo.runner import OnnxModel, default_providers, predict_slide
     from zoo.slide import thumbnail
+    from zoo.verify import select_engine
 
     files = verified_model_files(entry, reg)
+    gpu = cfg.run.device is not None or "CUDAExecutionProvider" in (cfg.run.providers or default_providers())
+    engine = select_engine(entry, reg, cfg.engine, cfg.precision, gpu=gpu)
     identity = slide_identity(slide_path)
     t0 = time.perf_counter()
     with open_slide(slide_path, backend=cfg.backend, on_bad_tile=cfg.on_bad_tile) as slide:  # type: ignore[arg-type]
-        model = OnnxModel(files[0], entry, cfg.run.providers, cfg.run.threads, cfg.run.device)
+        model = OnnxModel(
+            files[0], entry, cfg.run.providers, cfg.run.threads, cfg.run.device, engine.engine, engine.precision
+        )
         pred = predict_slide(slide, model, cfg.run)
         slide_info = slide.describe()
         thumb, thumb_ds = thumbnail(slide, max_side_px=1024)
@@ -530,6 +539,12 @@ def _run_locked(
                 "licence": entry.licence,
             },
             "providers": model.providers,
+            "engine": {
+                "engine": engine.engine,
+                "precision": engine.precision,
+                "why": engine.reason,
+                "considered": engine.considered,
+            },
             "slide": slide_info,
             "resolution": {
                 "level": choice.level if choice else None,
@@ -566,6 +581,7 @@ def _run_locked(
         "slide_mpp_source": mpp_source,
         "bad_tiles": len(pred.stats.get("bad_tiles", [])),
         "rerun_reason": rerun_reason,
+        "engine": f"{engine.engine} {engine.precision}",
         "tiles_run": pred.stats.get("tiles_run"),
         "tiles_total": pred.stats.get("tiles_total"),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

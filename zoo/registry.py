@@ -113,6 +113,23 @@ class WeightsSpec(_Strict):
         return v
 
 
+Engine = Literal["onnxruntime", "openvino"]
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+
+
+class PrecisionSpec(_Strict):
+    """A precision the model may run at, on which engines, and what it must reproduce.
+
+    Verified on the bundled test input against the float32 reference output: the label
+    mask's Dice (per foreground class, thresholded/argmaxed as the runner does) and the
+    largest absolute difference of the probabilities.
+    """
+
+    engines: list[Engine] = Field(default_factory=lambda: list[Engine](["onnxruntime"]), min_length=1)
+    min_dice: float = Field(1.0, ge=0, le=1, description="label-mask Dice against float32 on the bundled test")
+    max_abs_diff: float = Field(1e-4, gt=0, description="largest |probability difference| against float32")
+
+
 class TestSpec(_Strict):
     """Bundled reproducibility check for ``zoo verify``."""
 
@@ -138,6 +155,12 @@ class ModelEntry(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
     test: TestSpec | None = None
     card: str | None = Field(None, description="model card (markdown), relative to the registry")
+    precisions: dict[Precision, PrecisionSpec] = Field(
+        default_factory=lambda: dict[Precision, PrecisionSpec](
+            {"fp32": PrecisionSpec(min_dice=1.0, max_abs_diff=1e-4)}
+        ),
+        description="precisions (and engines) the model may run at, each with the tolerance it must meet",
+    )
 
     @field_validator("version")
     @classmethod
@@ -151,6 +174,12 @@ class ModelEntry(_Strict):
         idx = [c.index for c in self.classes]
         if len(set(idx)) != len(idx):
             raise ValueError(f"duplicate class index in {idx}")
+        if "fp32" not in self.precisions:
+            raise ValueError("precisions must include fp32 (the reference every other precision is checked against)")
+        if "int8" in self.precisions:
+            raise ValueError("int8 needs its own quantised weights, which this registry schema does not pin yet")
+        if set(self.precisions) - {"fp32"} and self.test is None:
+            raise ValueError("precisions other than fp32 need a bundled test to be verified against")
         return self
 
     @property
@@ -289,7 +318,9 @@ def resolve_uri(uri: str, root: Path) -> Path:
             raise RegistryError(f"{uri}: a file:// URI must be absolute (file:///path/to/model.onnx)")
         return p
     if parsed.scheme:
-        raise RegistryError(f"{uri}: unsupported URI scheme {parsed.scheme!r}; use a relative path, file:// or https://")
+        raise RegistryError(
+            f"{uri}: unsupported URI scheme {parsed.scheme!r}; use a relative path, file:// or https://"
+        )
     p = Path(uri)
     if p.is_absolute():
         raise RegistryError(f"{uri}: absolute paths must be written as file://{uri} (explicitly)")

@@ -140,8 +140,51 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags the CPU reports (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+#: Precisions with hardware support for their matrix arithmetic, by CPU flag (any of them).
+PRECISION_CPU_FLAGS = {
+    "bf16": ("avx512_bf16", "amx_bf16"),
+    "fp16": ("avx512_fp16", "amx_fp16"),
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8"),
+}
+
+
+def engine_unavailable(engine: str, precision: str = "fp32") -> str | None:
+    """Why ``engine`` cannot run ``precision`` on this machine, or None when it can."""
+    if engine == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return "OpenVINO is not installed (pip install '.[openvino]')"
+    elif engine != "onnxruntime":
+        return f"unknown engine {engine!r} (onnxruntime or openvino)"
+    elif precision != "fp32":
+        return f"the onnxruntime engine runs the registered model in fp32 only, not {precision}"
+    flags = PRECISION_CPU_FLAGS.get(precision)
+    if flags and not cpu_flags() & set(flags):
+        return f"this CPU has no {precision} arithmetic ({' or '.join(flags)} not in /proc/cpuinfo)"
+    return None
+
+
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
 class OnnxModel:
-    """An ONNX Runtime session checked against a registry entry."""
+    """A registered ONNX model, run by ONNX Runtime or OpenVINO at a given precision, checked against its entry.
+
+    OpenVINO is always given its precision explicitly (left to itself it picks bf16 on CPUs that
+    have it); ONNX Runtime runs the model as exported (fp32).
+    """
 
     def __init__(
         self,
@@ -150,7 +193,19 @@ class OnnxModel:
         providers: list[str] | None = None,
         threads: int = 0,
         device: int | None = None,
+        engine: str = "onnxruntime",
+        precision: str = "fp32",
     ) -> None:
+        self.entry = entry
+        self.path = path
+        self.engine, self.precision = engine, precision
+        if engine == "openvino":
+            self._init_openvino(path, threads, precision)
+            return
+        if precision != "fp32":
+            raise ProviderError(
+                f"{entry.id}: the onnxruntime engine runs fp32 only; use --engine openvino for {precision}"
+            )
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -193,6 +248,45 @@ class OnnxModel:
                     f"{expect}; fix input.patch_size_px/channels/layout"
                 )
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        out_name, in_name = spec_out.output_name, spec_in.input_name
+        self._raw = lambda x: self.session.run([out_name], {in_name: x})[0]
+
+    def _init_openvino(self, path: Path, threads: int, precision: str) -> None:
+        """Compile the ONNX file with OpenVINO on the CPU at ``precision`` (set explicitly, never left to default)."""
+        reason = engine_unavailable("openvino", precision)
+        if reason:
+            raise ProviderError(f"{self.entry.id}: cannot run on OpenVINO at {precision}: {reason}")
+        import openvino as ov
+
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+            compiled = core.compile_model(
+                model,
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
+                    "INFERENCE_NUM_THREADS": threads or (os.cpu_count() or 1),
+                    "PERFORMANCE_HINT": "LATENCY",
+                },
+            )
+        except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
+            raise ModelInputError(
+                f"{path}: OpenVINO cannot compile {self.entry.id} ({err}); re-export the model"
+            ) from err
+        names = {n for o in compiled.outputs for n in o.get_names()}
+        in_names = {n for i in compiled.inputs for n in i.get_names()}
+        if self.entry.input.input_name not in in_names or self.entry.output.output_name not in names:
+            raise ModelInputError(
+                f"{path}: {self.entry.id} has inputs {sorted(in_names)} and outputs {sorted(names)}; fix "
+                "input.input_name/output.output_name"
+            )
+        request = compiled.create_infer_request()
+        out_port = compiled.output(self.entry.output.output_name)
+        in_name = self.entry.input.input_name
+        self.providers = [f"OpenVINO CPU {precision}"]
+        self.fixed_batch = None
+        self._raw = lambda x: request.infer({in_name: x})[out_port]
 
     def preprocess(self, tiles: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB to the network's input array."""
@@ -211,8 +305,7 @@ class OnnxModel:
         """Network input batch to (N, C, H, W) float32 class probabilities."""
         if self.fixed_batch and x.shape[0] != self.fixed_batch:
             return np.concatenate([self.predict(x[i : i + 1]) for i in range(x.shape[0])])
-        y = self.session.run([self.entry.output.output_name], {self.entry.input.input_name: x})[0]
-        y = np.asarray(y, dtype=np.float32)
+        y: np.ndarray = np.asarray(self._raw(x), dtype=np.float32)
         if self.entry.output.layout == "NHWC":
             y = y.transpose(0, 3, 1, 2)
         if not self.entry.output.already_activated:

@@ -1,40 +1,194 @@
-"""``zoo verify``: weights' sha256 and a reproducibility run on each model's bundled test input."""
+"""``zoo verify`` and the engine/precision choice: every pinned file, and a reproducibility run of the
+bundled test input on every engine and precision the model's entry allows.
+
+fp32 on ONNX Runtime must reproduce the bundled output within ``test.atol``; every other
+(engine, precision) must meet that precision's tolerance against it: the label mask's Dice
+(per foreground class, after the runner's thresholding) and the largest probability difference.
+``select_engine`` picks, for ``auto``, the fastest allowed combination that this machine can run
+and that passes.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from zoo.errors import RegistryError
+from zoo.errors import ProviderError, RegistryError
 from zoo.registry import ModelEntry, Registry, verified_weights
+
+#: Expected speed order on a CPU (fastest first): bf16 on OpenVINO was 1.9x ONNX Runtime fp32 here
+#: (benchmarks/bench_inference.py); ONNX Runtime fp32 was 1.09x faster than OpenVINO fp32.
+CPU_PREFERENCE = [("openvino", "bf16"), ("openvino", "fp16"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
+
+_CHECKED: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+
+
+def _postprocess(y: np.ndarray, entry: ModelEntry) -> np.ndarray:
+    """Raw network output to (N, C, H, W) probabilities, as the runner does."""
+    y = np.asarray(y, dtype=np.float64)
+    if entry.output.layout == "NHWC":
+        y = y.transpose(0, 3, 1, 2)
+    if not entry.output.already_activated:
+        if entry.output.activation == "sigmoid":
+            y = 1.0 / (1.0 + np.exp(-y))
+        elif entry.output.activation == "softmax":
+            e = np.exp(y - y.max(axis=1, keepdims=True))
+            y = e / e.sum(axis=1, keepdims=True)
+    return y
+
+
+def check_precision(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> dict[str, Any]:
+    """Run the bundled test on ``engine`` at ``precision`` and compare with the bundled fp32 output.
+
+    Returns ``ok``, ``skipped`` (a reason, when this machine cannot run it), ``dice``, ``max_abs_diff``
+    and the tolerances. Results are kept for the life of the process.
+    """
+    from zoo.runner import OnnxModel, engine_unavailable, labels_from_probabilities
+
+    key = (entry.id, entry.weights.sha256, engine, precision)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    spec = entry.precisions[precision]  # type: ignore[index]
+    base = {
+        "engine": engine,
+        "precision": precision,
+        "min_dice": spec.min_dice,
+        "max_abs_diff_allowed": spec.max_abs_diff,
+    }
+    reason = engine_unavailable(engine, precision)
+    if reason:
+        return {**base, "ok": False, "skipped": reason}
+    path = verified_weights(entry, registry)
+    if entry.test is None:
+        res = {**base, "ok": precision == "fp32", "skipped": None if precision == "fp32" else "no bundled test"}
+        _CHECKED[key] = res
+        return res
+    x, expected = (_load_test_array(entry, registry, f) for f in (entry.test.input, entry.test.expected))
+    try:
+        model = OnnxModel(path, entry, providers=["CPUExecutionProvider"], engine=engine, precision=precision)
+        got = np.asarray(model._raw(x))
+    except ProviderError as err:
+        return {**base, "ok": False, "skipped": str(err)}
+    if got.shape != expected.shape:
+        res = {**base, "ok": False, "error": f"output shape {got.shape} != bundled {expected.shape}"}
+        _CHECKED[key] = res
+        return res
+    raw_diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
+    pg, pe = _postprocess(got, entry), _postprocess(expected, entry)
+    prob_diff = float(np.abs(pg - pe).max())
+    dices = []
+    for a, b in zip(pg, pe):
+        la, lb = labels_from_probabilities(a, entry), labels_from_probabilities(b, entry)
+        for c in entry.foreground:
+            s = int((la == c.index).sum()) + int((lb == c.index).sum())
+            dices.append(1.0 if s == 0 else 2.0 * int(((la == c.index) & (lb == c.index)).sum()) / s)
+    dice = float(min(dices)) if dices else 1.0
+    if engine == "onnxruntime" and precision == "fp32":
+        ok = raw_diff <= entry.test.atol
+        detail = f"max |diff| {raw_diff:.2e} (tolerance {entry.test.atol:.0e})"
+    else:
+        ok = dice >= spec.min_dice and prob_diff <= spec.max_abs_diff
+        detail = f"Dice {dice:.5f} (>= {spec.min_dice}), max |p diff| {prob_diff:.2e} (<= {spec.max_abs_diff:g})"
+    res = {**base, "ok": ok, "dice": dice, "max_abs_diff": prob_diff, "raw_max_abs_diff": raw_diff, "detail": detail}
+    _CHECKED[key] = res
+    return res
 
 
 def verify_model(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
-    """Check ``entry``'s weights and, if it has a test, its output on the bundled input.
+    """Check ``entry``'s pinned files and its bundled test on every allowed engine and precision.
 
-    Returns a dict with ``ok``, ``model`` and ``detail`` (max absolute difference and tolerance).
+    Returns ``ok`` (the files, fp32 on ONNX Runtime and every combination this machine can run pass),
+    ``model``, ``detail`` and ``checks`` (one per combination, with ``skipped`` reasons).
 
     Raises:
         ChecksumMismatchError, WeightsNotFoundError: the weights are not the pinned ones.
     """
-    from zoo.runner import OnnxModel
-
-    path = verified_weights(entry, registry)
+    verified_weights(entry, registry)
     if entry.test is None:
-        return {"model": entry.id, "ok": True, "detail": "sha256 ok; no bundled test"}
-    x, expected = (_load_test_array(entry, registry, f) for f in (entry.test.input, entry.test.expected))
-    model = OnnxModel(path, entry, providers=["CPUExecutionProvider"])
-    got = model.session.run([entry.output.output_name], {entry.input.input_name: x})[0]
-    diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
-    ok = got.shape == expected.shape and diff <= entry.test.atol
+        return {"model": entry.id, "ok": True, "detail": "sha256 ok; no bundled test", "checks": []}
+    checks = [
+        check_precision(entry, registry, eng, prec) for prec, spec in entry.precisions.items() for eng in spec.engines
+    ]
+    ref = (
+        next(c for c in checks if c["engine"] == "onnxruntime" and c["precision"] == "fp32")
+        if any(c["engine"] == "onnxruntime" and c["precision"] == "fp32" for c in checks)
+        else check_precision(entry, registry, "onnxruntime", "fp32")
+    )
+    ok = bool(ref["ok"]) and all(c["ok"] for c in checks if not c.get("skipped"))
+    parts = [f"sha256 ok; fp32 onnxruntime {ref.get('detail', ref.get('error'))}"]
+    for c in checks:
+        if c is ref:
+            continue
+        state = (
+            f"skipped ({c['skipped']})"
+            if c.get("skipped")
+            else ("ok" if c["ok"] else "FAIL") + f" {c.get('detail', c.get('error'))}"
+        )
+        parts.append(f"{c['precision']} {c['engine']}: {state}")
     return {
         "model": entry.id,
         "ok": ok,
-        "max_abs_diff": diff,
+        "max_abs_diff": ref.get("raw_max_abs_diff"),
         "atol": entry.test.atol,
-        "detail": f"sha256 ok; test output max |diff| {diff:.2e} (tolerance {entry.test.atol:.0e})",
+        "detail": "; ".join(parts),
+        "checks": checks,
     }
+
+
+@dataclass
+class EngineChoice:
+    """The engine and precision a run uses, and why."""
+
+    engine: str
+    precision: str
+    reason: str
+    considered: list[dict[str, Any]] = field(default_factory=list)
+
+
+def select_engine(
+    entry: ModelEntry,
+    registry: Registry,
+    engine: str = "auto",
+    precision: str = "auto",
+    gpu: bool = False,
+) -> EngineChoice:
+    """The (engine, precision) to run ``entry`` with.
+
+    ``auto`` takes, among the combinations the entry allows and this machine runs, the fastest
+    (``CPU_PREFERENCE``; on a GPU, fp32 on ONNX Runtime's CUDA provider) that passes its check.
+    An explicit engine or precision that the entry does not allow, the machine cannot run, or that
+    fails its check is an error.
+
+    Raises:
+        ProviderError: no allowed combination can run, or an explicit one fails.
+    """
+    allowed = [(e, p) for p, spec in entry.precisions.items() for e in spec.engines]
+    wanted = [(e, p) for e, p in allowed if engine in ("auto", e) and precision in ("auto", p)]
+    if not wanted:
+        offer = ", ".join(f"{p} on {e}" for e, p in allowed)
+        raise ProviderError(
+            f"{entry.id}: --engine {engine} --precision {precision} is not allowed by its registry entry "
+            f"(allowed: {offer}); pick one of those or auto"
+        )
+    order = [("onnxruntime", "fp32")] if gpu else CPU_PREFERENCE
+    wanted.sort(key=lambda ep: order.index(ep) if ep in order else len(order))
+    considered = []
+    for e, p in wanted:
+        if gpu and (e, p) != ("onnxruntime", "fp32"):
+            considered.append({"engine": e, "precision": p, "skipped": "a GPU is used: fp32 on its CUDA provider"})
+            continue
+        res = check_precision(entry, registry, e, p)
+        considered.append(res)
+        if res["ok"]:
+            why = "requested" if engine != "auto" and precision != "auto" else "fastest allowed here that passes"
+            return EngineChoice(e, p, f"{why}; {res.get('detail', '')}".strip("; "), considered)
+    explain = "; ".join(
+        f"{c['precision']} on {c['engine']}: {c.get('skipped') or c.get('detail') or c.get('error')}"
+        for c in considered
+    )
+    raise ProviderError(f"{entry.id}: no allowed engine/precision can run here ({explain}); try --engine auto")
 
 
 def _load_test_array(entry: ModelEntry, registry: Registry, name: str) -> np.ndarray:

@@ -67,7 +67,8 @@ def test_run_writes_mask_geojson_and_provenance(cmu_slide: Path, darkness_regist
         assert heat.shape == mask.shape and len(t.pages) >= 1
         # the darkness model's threshold is 0.2: labelled pixels have probability >= 0.2, the others below
         assert heat[mask == 1].min() >= round(0.2 * 255) - 1 and heat[mask == 0].max() <= round(0.2 * 255) + 1
-    assert [p.name for p in out.iterdir()] == [cmu_slide.stem]  # no temporary leftovers
+    # no temporary leftovers: the result folder and the batch summary
+    assert sorted(p.name for p in out.iterdir()) == [cmu_slide.stem, "summary.csv", "summary.html"]
 
 
 def test_second_run_is_skipped_unless_forced(
@@ -112,7 +113,7 @@ def test_batch_continues_past_a_broken_slide(
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and str(broken_slide) in errors[0]
     assert "1 of 2 slides failed" in r.stderr
-    assert [p.name for p in out.iterdir()] == [cmu_slide.stem]
+    assert sorted(p.name for p in out.iterdir()) == [cmu_slide.stem, "summary.csv", "summary.html"]
 
 
 @pytest.mark.parametrize(

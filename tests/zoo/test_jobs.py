@@ -18,13 +18,21 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import REPO, run_zoo
+from tests.conftest import REPO, darkness_registry_text, run_zoo
 from zoo.jobs import JobConfig, result_dirs, run_many, safe_name
 from zoo.runner import RunOptions
 
 
 def _zoo(registry: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
     return run_zoo("--registry", str(registry), *args, **kw)
+
+
+SUMMARY = {"summary.csv", "summary.html"}
+
+
+def _results(out: Path) -> list[str]:
+    """The entries of ``out`` other than the batch summary, sorted."""
+    return sorted(p.name for p in out.iterdir() if p.name not in SUMMARY)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -56,7 +64,7 @@ def test_dot_named_slide_deletes_nothing(
     assert r.returncode == 0, r.stderr
     after = _tree(root)
     assert all(after[k] == v for k, v in before.items()), "a file that was there before was changed"
-    new_dirs = {p.parent.name for p in (root / k for k in after if k not in before)}
+    new_dirs = {p.parent.name for p in (root / k for k in after if k not in before) if p.name not in SUMMARY}
     assert len(new_dirs) == 1 and not next(iter(new_dirs)).startswith(".")
     run = json.loads((root / next(iter(new_dirs)) / "run.json").read_text())
     assert run["source"]["resolved_path"] == str((root / "slides" / name).resolve())
@@ -212,26 +220,7 @@ def _external_data_registry(tmp_path: Path, pin_bin: bool) -> Path:
     onnx.save_model(m, str(folder / "dark.onnx"))
     files = f"files: [{{path: weights.bin, sha256: {sha256_file(folder / 'weights.bin')}}}]" if pin_bin else ""
     reg = tmp_path / "registry.yaml"
-    reg.write_text(
-        f"""schema_version: 1
-default_model: dark
-models:
-  - name: dark
-    version: 0.1.0
-    task: tissue-segmentation
-    summary: pointwise test model with external data
-    architecture: ReduceMean
-    classes:
-      - {{index: 0, name: Background, color: [255, 255, 255]}}
-      - {{index: 1, name: Tissue, color: [0, 160, 0]}}
-    input: {{mode: tiled, patch_size_px: [64, 64], overlap: 0.25, input_name: image, target_mpp: 2.0}}
-    output: {{output_name: prob, activation: sigmoid, threshold: 0.2}}
-    weights: {{uri: models/dark.onnx, sha256: {sha256_file(folder / "dark.onnx")}, {files}}}
-    licence: MIT
-    provenance: {{made_by: tests/zoo/test_jobs.py}}
-""",
-        encoding="utf-8",
-    )
+    reg.write_text(darkness_registry_text("models/dark.onnx", sha256_file(folder / "dark.onnx"), "dark", files))
     return reg
 
 
@@ -389,7 +378,7 @@ def test_concurrent_runs_into_one_folder(
     assert [p.returncode for p in procs] == [0] * 4, [e for _, e in outs]
     statuses = [r["status"] for o, _ in outs for r in json.loads(o)]
     assert statuses.count("ok") == 2 and statuses.count("skipped") == 6
-    assert sorted(p.name for p in out.iterdir()) == sorted([cmu_slide.stem, kidney_slide.stem])
+    assert _results(out) == sorted([cmu_slide.stem, kidney_slide.stem])
 
 
 # --------------------------------------------------------------------------- 11: one line, never a traceback
@@ -540,28 +529,10 @@ def test_out_checked_before_inference(cmu_slide: Path, darkness_registry: Path, 
 
 
 def test_json_stdout_is_only_json(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
-    r = _zoo(
-        darkness_registry,
-        "run",
-        "darkness",
-        str(cmu_slide),
-        "--out",
-        str(tmp_path / "o"),
-        "--providers",
-        "FooExecutionProvider",
-        "--json",
-    )
+    base = ["run", "darkness", str(cmu_slide), "--out", str(tmp_path / "o")]
+    r = _zoo(darkness_registry, *base, "--providers", "FooExecutionProvider", "--json")
     assert r.returncode == 1 and r.stdout == "" and "FooExecutionProvider" in r.stderr
-    r = _zoo(
-        darkness_registry,
-        "run",
-        "darkness",
-        str(cmu_slide),
-        "--out",
-        str(tmp_path / "o"),
-        "--providers",
-        "CUDAExecutionProvider",
-    )
+    r = _zoo(darkness_registry, *base, "--providers", "CUDAExecutionProvider")
     if r.returncode == 1:
         assert "pip install" in r.stderr  # no silent CPU fallback when CUDA was asked for
     r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(tmp_path / "o"), "--json")
@@ -626,7 +597,7 @@ def test_mixed_folder_serial_and_on_dask(
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 4 and all(any(n in e for e in errors) for n, g in expect.items() if not g)
     assert _tree(tmp_path / "slides") == before
-    assert {p.name for p in out.iterdir()} == {Path(x["out"]).name for x in results.values() if x["status"] == "ok"}
+    assert set(_results(out)) == {Path(x["out"]).name for x in results.values() if x["status"] == "ok"}
     again = json.loads(_zoo(darkness_registry, *args).stdout)
     assert sorted(x["status"] for x in again) == ["failed"] * 4 + ["skipped"] * 4
 
@@ -656,4 +627,4 @@ def test_kill_9_then_rerun_finishes_the_rest(
     status = {Path(x["slide"]).name: x["status"] for x in json.loads(r.stdout)}
     assert status["s0.svs"] == "skipped" and status["s2.svs"] == "ok"
     assert json.loads((out / "s0" / "run.json").read_text())["created"] == first
-    assert sorted(p.name for p in out.iterdir()) == ["s0", "s1", "s2"]  # the killed run's partial is gone
+    assert _results(out) == ["s0", "s1", "s2"]  # the killed run's partial is gone

@@ -1,0 +1,105 @@
+"""Engines and precisions (issue #15): declared in the registry, verified against fp32, chosen by auto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_zoo
+from zoo.errors import ProviderError, RegistryError
+from zoo.registry import load_registry
+from zoo.runner import cpu_flags, engine_unavailable
+from zoo.verify import check_precision, select_engine
+
+OPENVINO = engine_unavailable("openvino")
+ENGINES = [
+    "onnxruntime",
+    pytest.param("openvino", marks=pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))),
+]
+
+
+def _entry_yaml(path: Path, extra: str) -> Path:
+    text = path.read_text().replace("    licence: MIT", extra + "    licence: MIT", 1)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ("    precisions: {bf16: {engines: [openvino], min_dice: 0.99, max_abs_diff: 0.1}}\n", "must include fp32"),
+        ("    precisions: {fp32: {}, int8: {}}\n", "int8 needs its own quantised weights"),
+        ("    precisions: {fp32: {}, bf16: {engines: [openvino]}}\n", "need a bundled test"),
+        ("    precisions: {fp32: {engines: [tensorflow]}}\n", "precisions"),
+    ],
+)
+def test_registry_refuses_bad_precisions(extra: str, needle: str, darkness_registry: Path) -> None:
+    _entry_yaml(darkness_registry, extra)
+    with pytest.raises(RegistryError, match=needle):
+        load_registry(darkness_registry)
+
+
+def test_verify_reports_every_engine_and_precision() -> None:
+    r = run_zoo("verify", "tissue-multires", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = {(c["engine"], c["precision"]): c for c in json.loads(r.stdout)[0]["checks"]}
+    assert set(checks) == {("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16")}
+    for c in checks.values():
+        assert c["ok"] or c.get("skipped"), c  # a check either passes or says why it could not run here
+    if "avx512_fp16" not in cpu_flags() and "amx_fp16" not in cpu_flags():
+        assert "no fp16 arithmetic" in checks[("openvino", "fp16")]["skipped"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fp32_is_the_same_on_every_engine(engine: str) -> None:
+    """OpenVINO would silently use bf16 on this CPU if the precision were not set: fp32 must be fp32."""
+    reg = load_registry()
+    res = check_precision(reg.get("tissue-multires"), reg, engine, "fp32")
+    assert res["ok"] and res["max_abs_diff"] < 1e-4 and res["dice"] == 1.0
+
+
+def test_auto_picks_the_fastest_passing_combination() -> None:
+    reg = load_registry()
+    entry = reg.get("tissue-multires")
+    choice = select_engine(entry, reg)
+    bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if OPENVINO is None and bf16:
+        assert (choice.engine, choice.precision) == ("openvino", "bf16")
+    else:
+        assert (choice.engine, choice.precision) == ("onnxruntime", "fp32")
+    assert select_engine(entry, reg, gpu=True).precision == "fp32"
+    peer = reg.get("peer-tissue-unet")  # bf16 measured below its tolerance: not allowed, never chosen
+    assert select_engine(peer, reg).precision == "fp32"
+    with pytest.raises(ProviderError, match="not allowed by its registry entry"):
+        select_engine(entry, reg, "onnxruntime", "bf16")
+
+
+def test_run_records_engine_and_precision(cmu_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    r = run_zoo("run", "tissue-multires", str(cmu_slide), "--out", str(out), "--engine", "onnxruntime")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / cmu_slide.stem / "run.json").read_text())
+    assert run["engine"]["engine"] == "onnxruntime" and run["engine"]["precision"] == "fp32"
+    assert run["request"]["engine"] == "onnxruntime" and "[onnxruntime fp32]" in r.stdout
+
+
+@pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))
+def test_bf16_mask_agrees_with_fp32_on_a_real_slide(tcga_slide: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    from bridge.edits import dice
+
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("this CPU has no bf16 arithmetic")
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        args = ["--engine", "openvino" if precision == "bf16" else "onnxruntime", "--precision", precision]
+        r = run_zoo("run", "tissue-multires", str(tcga_slide), "--out", str(out), *args)
+        assert r.returncode == 0, r.stderr
+        masks[precision] = tifffile.imread(out / tcga_slide.stem / "mask.tiff")
+    assert dice(masks["bf16"] == 1, masks["fp32"] == 1) >= 0.999
+    assert np.mean(masks["bf16"] != masks["fp32"]) < 0.002
