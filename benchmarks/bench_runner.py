@@ -262,6 +262,13 @@ def main() -> int:
             f"{r['infer_gflops']:.0f} | {r['zoo_over_floor_plus_infer']:.2f} | {fs} | {ratio} | "
             f"{r['dice_vs_first']:.5f} |"
         )
+    print("\nWhere the runner's time goes (first run of each row; the reader thread overlaps the rest):")
+    for r in rows:
+        parts = r["zoo"].get("stats", {}).get("seconds_breakdown", {})
+        print(
+            f"- {r['mpp']:g} µm/px, {r['engine']} {r['precision']}: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+        )
     return 0
 
 

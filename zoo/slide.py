@@ -640,11 +640,15 @@ def read_scaled(slide: Slide, choice: LevelChoice, x: int, y: int, w: int, h: in
 
     With ``choice.factor > 1`` the level region is area-averaged down by that factor.
     """
+    return box_reduce(level_region(slide, choice, x, y, w, h), choice.factor)
+
+
+def level_region(slide: Slide, choice: LevelChoice, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """The pyramid-level pixels behind a (w, h) region in model pixels at ``choice`` (before down-scaling)."""
     f = choice.factor
     ds_level = slide.level_downsamples[choice.level]
     loc0 = (round(x * f * ds_level), round(y * f * ds_level))
-    region = slide.read_region(loc0, choice.level, (w * f, h * f))
-    return box_reduce(region, f)
+    return slide.read_region(loc0, choice.level, (w * f, h * f))
 
 
 def box_reduce(image: np.ndarray, factor: int) -> np.ndarray:
