@@ -687,6 +687,50 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edits_picture(
+    dest: Path, model_mask: Any, edited: Any, given: Any, meta: dict[str, Any], mpp: float | None
+) -> Path:
+    """``edits.png``: where the edit agrees with what the pathologist was given, and what they added or removed."""
+    import numpy as np
+
+    from zoo.pictures import render_overview, sample_mask
+    from zoo.slide import open_slide, thumbnail
+
+    base = given if given is not None else model_mask
+    fg_base, fg_edit = base > 0, edited > 0
+    labels = np.zeros(base.shape, np.uint8)
+    labels[fg_base & fg_edit] = 1
+    labels[fg_edit & ~fg_base] = 2
+    labels[fg_base & ~fg_edit] = 3
+    from bridge.geojson import ClassStyle
+
+    classes = [
+        ClassStyle(1, "Kept", (0, 160, 0)),
+        ClassStyle(2, "Added by the pathologist", (0, 90, 255)),
+        ClassStyle(3, "Removed by the pathologist", (230, 0, 0)),
+    ]
+    ds = float(meta.get("downsample", 1.0))
+    thumb, thumb_ds = np.full((*base.shape, 3), 255, np.uint8), ds
+    slide_path = meta.get("slide")
+    if slide_path and Path(slide_path).exists():
+        try:
+            with open_slide(slide_path) as s:
+                thumb, thumb_ds = thumbnail(s, max_side_px=1024)
+        except ZooError:
+            pass  # the slide moved or is unreadable: draw on white
+    sampled = sample_mask(labels, thumb.shape[:2], thumb_ds / ds)
+    px_um2 = (mpp or 0) ** 2
+    areas = {
+        c.name: {
+            "area_mm2": round(float((labels == c.index).sum()) * px_um2 / 1e6, 4) if mpp else None,
+            "fraction": float((labels == c.index).mean()),
+        }
+        for c in classes
+    }
+    caption = f"edits of {meta.get('model', '?')} · baseline: {'exported GeoJSON' if given is not None else 'mask'}"
+    return render_overview(dest, thumb, sampled, classes, mpp / ds * thumb_ds if mpp else None, caption, areas)
+
+
 def _is_label_tiff(path: Path) -> bool:
     """True for a single-channel TIFF (a label mask), False for anything else (a slide)."""
     import tifffile
@@ -763,6 +807,7 @@ def cmd_edits(args: argparse.Namespace) -> int:
         description=json.dumps({**meta, "edited": str(args.edited)}),
     )
     result.update({"import": report.summary(), "corrected_mask": str(out)})
+    result["picture"] = str(_edits_picture(out.with_name("edits.png"), pred, fixed, given, meta, mpp))
     if args.json:
         _print(result, True)
     else:
@@ -777,6 +822,7 @@ def cmd_edits(args: argparse.Namespace) -> int:
         imp = result["import"]
         print(f"import: {imp['features']} features, {imp['kept']} kept, {imp['rejected']} rejected")
         print(f"corrected mask: {out}")
+        print(f"picture: {result['picture']}")
     return 0
 
 

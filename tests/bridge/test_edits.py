@@ -40,6 +40,7 @@ def test_zoo_edits_reports_added_and_removed(cmu_slide: Path, darkness_registry:
     assert rep["added_um2"] == pytest.approx(added.area * 0.499**2, rel=0.05)
     assert rep["removed_um2"] == pytest.approx(shape(removed["geometry"]).area * 0.499**2, rel=0.05)
     assert 0 < rep["dice"] < 1
+    assert (res / "edits.png").stat().st_size > 10_000 and json.loads(r.stdout)["picture"].endswith("edits.png")
     fixed, mpp, meta = read_mask_tiff(res / "corrected.tiff")
     pred, _, _ = read_mask_tiff(res / "mask.tiff")
     ds = meta["downsample"]
