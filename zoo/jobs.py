@@ -622,7 +622,12 @@ def _publish(work: Path, dest: Path, umask: int) -> None:
             work.chmod(0o777 & ~umask)
             work.rename(dest)
             return
-        (dest / "run.json").unlink(missing_ok=True)  # the folder reads as incomplete until the end
+        # until the end the folder reads as this slide's (so a killed run can be redone) but incomplete
+        info = json.loads((work / "run.json").read_text(encoding="utf-8"))
+        marker = {"source": info["source"], "status": "being replaced; rerun to finish"}
+        tmp = dest / ".run.json.replacing"
+        tmp.write_text(json.dumps(marker), encoding="utf-8")
+        os.replace(tmp, dest / "run.json")
         names = sorted((p.name for p in work.iterdir()), key=lambda n: n == "run.json")
         for name in names:
             os.replace(work / name, dest / name)

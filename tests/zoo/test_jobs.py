@@ -116,6 +116,20 @@ def test_rerun_replaces_only_its_own_files(cmu_slide: Path, darkness_registry: P
     assert (out / cmu_slide.stem / "corrected.tiff").read_bytes() == b"pathologist's work"
 
 
+def test_interrupted_replacement_is_redone(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    """A run killed while replacing its own files leaves run.json as a marker: the next run redoes the slide."""
+    out = tmp_path / "out"
+    assert _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out)).returncode == 0
+    run = json.loads((out / cmu_slide.stem / "run.json").read_text())
+    marker = {"source": run["source"], "status": "being replaced; rerun to finish"}
+    (out / cmu_slide.stem / "run.json").write_text(json.dumps(marker))  # what a kill mid-replacement leaves
+    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)[0]
+    assert res["status"] == "ok" and res["out"] == str(out / cmu_slide.stem)
+    assert json.loads((out / cmu_slide.stem / "run.json").read_text())["request"]
+
+
 # --------------------------------------------------------------------------- 3: corrupt tiles
 
 
