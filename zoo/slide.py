@@ -1,8 +1,10 @@
 """Slide I/O: one reader interface over OpenSlide and tifffile.
 
 Coordinates are (x, y) in level-0 pixels unless a name says otherwise; sizes are
-(width, height). Regions are read lazily (OpenSlide tiles, or tifffile through
-zarr chunks), never a whole level-0 image.
+(width, height). Regions are read lazily (OpenSlide tiles, or the TIFF's own tiles
+decoded one by one by :class:`TiffSlide`), never a whole level-0 image. A tile that
+cannot be decoded raises :class:`zoo.errors.BadTileError` naming it (or, with
+``on_bad_tile="skip"``, reads as glass and is listed in ``Slide.bad_tiles``).
 """
 
 from __future__ import annotations
