@@ -79,6 +79,7 @@ SUMMARY_COLUMNS = [
 ]
 MAX_NAME_CHARS = 80
 PARTIAL_MARKER = ".zoo-partial"
+LOCK_TEXT = b"zoo result-folder lock\n"
 
 
 @dataclass
@@ -201,6 +202,19 @@ def _owner(folder: Path) -> str | None:
     return src if isinstance(src, str) else None
 
 
+def writable_for(folder: Path, slide: Path) -> bool:
+    """True when a run on ``slide`` may write into ``folder``: it does not exist, is an empty real folder,
+    or its run.json says it holds this slide's results. Anything else (a symlink, a file, another
+    slide's results, files of unknown origin, a run.json without a source) is never written into."""
+    if folder.is_symlink():
+        return False
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    return _owner(folder) == str(_resolved(slide)) or not any(folder.iterdir())
+
+
 def result_dirs(slides: Sequence[Path], out_dir: str | Path) -> dict[Path, Path]:
     """Each slide's result folder inside ``out_dir`` (see the module docstring for the rules)."""
     out = Path(out_dir)
@@ -210,10 +224,8 @@ def result_dirs(slides: Sequence[Path], out_dir: str | Path) -> dict[Path, Path]
     dirs: dict[Path, Path] = {}
     for s in slides:
         base = safe_name(slide_stem(s))
-        plain = out / base
-        owner = _owner(plain) if plain.exists() else None
         shared = len(groups[base.casefold()]) > 1
-        taken = plain.exists() and owner != str(_resolved(s))
+        taken = not writable_for(out / base, s)
         name = f"{base[: MAX_NAME_CHARS - 9]}-{slide_tag(s)}" if shared or taken else base
         dest = out / name
         if _resolved(dest).parent != _resolved(out):  # cannot happen with safe_name; never trust it blindly
@@ -229,15 +241,23 @@ def result_dirs(slides: Sequence[Path], out_dir: str | Path) -> dict[Path, Path]
 def result_lock(dest: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the lock of result folder ``dest`` (waits for another zoo process holding it).
 
-    The lock is ``<out>/.<name>.zoo-lock``, removed on release; a waiter that wakes on a
-    lock file that was removed meanwhile opens the new one (so two holders never coexist).
+    The lock is ``<out>/.<name>.zoo-lock``. zoo writes ``LOCK_TEXT`` into the lock files it creates
+    and removes on release only such a file (a file of that name that zoo did not write is used
+    as the lock but never deleted); a waiter that wakes on a lock file that was removed meanwhile
+    opens the new one, so two holders never coexist.
     """
     path = dest.parent / f".{dest.name}.zoo-lock"
     told = False
     while True:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+                os.write(fd, LOCK_TEXT)
+            except FileExistsError:
+                fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue  # removed between the two opens: try again
         except OSError as err:
             raise OutputError(
                 f"{dest.parent}: cannot write results here ({err.strerror}); choose a writable --out folder"
@@ -262,7 +282,8 @@ def result_lock(dest: Path, on_wait: Callable[[str], None] | None = None) -> Ite
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            if os.pread(fd, len(LOCK_TEXT), 0) == LOCK_TEXT:  # only a lock file zoo itself wrote
+                os.unlink(path)
         os.close(fd)
 
 
@@ -399,10 +420,11 @@ def run_slide(
         removed = remove_stale_partials(dest)
         if removed and on_message:
             on_message(f"{dest}: removed {removed} partial result folder(s) left by an interrupted run")
-        if dest.exists() and _owner(dest) not in (None, str(_resolved(slide_path))):
-            raise OutputError(f"{dest}: holds another slide's results; choose another --out")
-        if dest.exists() and not (dest / "run.json").exists() and any(dest.iterdir()):
-            raise OutputError(f"{dest}: exists and was not written by zoo; move it away or choose another --out")
+        if not writable_for(dest, slide_path):
+            raise OutputError(
+                f"{dest}: exists and does not hold this slide's results (another slide's, or not written by zoo); "
+                "move it away or choose another --out"
+            )
         reuse, why = reuse_reason(dest, slide_path, cfg, entry)
         if reuse and not cfg.force:
             return JobResult(str(slide_path), "skipped", str(dest), summary={"reason": why})

@@ -19,6 +19,7 @@ import pytest
 import tifffile
 
 from tests.conftest import REPO, darkness_registry_text, run_zoo
+from zoo.errors import OutputError
 from zoo.jobs import JobConfig, result_dirs, run_many, safe_name
 from zoo.runner import RunOptions
 
@@ -33,6 +34,11 @@ SUMMARY = {"summary.csv", "summary.html"}
 def _results(out: Path) -> list[str]:
     """The entries of ``out`` other than the batch summary, sorted."""
     return sorted(p.name for p in out.iterdir() if p.name not in SUMMARY)
+
+
+def _run_dark(registry: Path, slide: Path | str, out: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`zoo run darkness SLIDE --out OUT EXTRA...` with the test registry."""
+    return _zoo(registry, "run", "darkness", str(slide), "--out", str(out), *extra)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -60,7 +66,7 @@ def test_dot_named_slide_deletes_nothing(
     shutil.copy(kidney_slide, root / "slides" / name)
     (root / "keep.txt").write_text("x")
     before = _tree(root)
-    r = _zoo(darkness_registry, "run", "darkness", str(root / "slides" / name), "--out", str(root), "--no-progress")
+    r = _run_dark(darkness_registry, str(root / "slides" / name), str(root), "--no-progress")
     assert r.returncode == 0, r.stderr
     after = _tree(root)
     assert all(after[k] == v for k, v in before.items()), "a file that was there before was changed"
@@ -100,7 +106,7 @@ def test_foreign_folder_is_never_written_into(cmu_slide: Path, darkness_registry
     mine = out / cmu_slide.stem
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("the user's own file")
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out), "--json")
+    r = _run_dark(darkness_registry, str(cmu_slide), str(out), "--json")
     assert r.returncode == 0, r.stderr
     dest = Path(json.loads(r.stdout)[0]["out"])
     assert dest != mine and dest.name.startswith(cmu_slide.stem + "-")
@@ -109,9 +115,9 @@ def test_foreign_folder_is_never_written_into(cmu_slide: Path, darkness_registry
 
 def test_rerun_replaces_only_its_own_files(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out)).returncode == 0
+    assert _run_dark(darkness_registry, str(cmu_slide), str(out)).returncode == 0
     (out / cmu_slide.stem / "corrected.tiff").write_bytes(b"pathologist's work")
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out), "--force", "--json")
+    r = _run_dark(darkness_registry, str(cmu_slide), str(out), "--force", "--json")
     assert json.loads(r.stdout)[0]["status"] == "ok"
     assert (out / cmu_slide.stem / "corrected.tiff").read_bytes() == b"pathologist's work"
 
@@ -119,15 +125,54 @@ def test_rerun_replaces_only_its_own_files(cmu_slide: Path, darkness_registry: P
 def test_interrupted_replacement_is_redone(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
     """A run killed while replacing its own files leaves run.json as a marker: the next run redoes the slide."""
     out = tmp_path / "out"
-    assert _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out)).returncode == 0
+    assert _run_dark(darkness_registry, str(cmu_slide), str(out)).returncode == 0
     run = json.loads((out / cmu_slide.stem / "run.json").read_text())
     marker = {"source": run["source"], "status": "being replaced; rerun to finish"}
     (out / cmu_slide.stem / "run.json").write_text(json.dumps(marker))  # what a kill mid-replacement leaves
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out), "--json")
+    r = _run_dark(darkness_registry, str(cmu_slide), str(out), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)[0]
     assert res["status"] == "ok" and res["out"] == str(out / cmu_slide.stem)
     assert json.loads((out / cmu_slide.stem / "run.json").read_text())["request"]
+
+
+def test_lock_named_file_that_zoo_did_not_write_survives(
+    cmu_slide: Path, darkness_registry: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / f".{cmu_slide.stem}.zoo-lock"
+    mine.write_text("a user's file that happens to have this name")
+    assert _run_dark(darkness_registry, cmu_slide, out).returncode == 0
+    assert mine.read_text() == "a user's file that happens to have this name"
+    assert not list(out.glob(".*.zoo-lock")) or list(out.glob(".*.zoo-lock")) == [mine]  # zoo's own are removed
+
+
+@pytest.mark.parametrize("kind", ["run.json without a source", "symlink"])
+def test_folders_that_are_not_this_slides_are_never_written_into(
+    kind: str, cmu_slide: Path, darkness_registry: Path, tmp_path: Path
+) -> None:
+    from zoo.jobs import JobConfig, run_slide
+
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "run.json").write_text('{"written by": "another tool"}')
+    (elsewhere / "mask.tiff").write_bytes(b"precious")
+    out.mkdir()
+    plain = out / cmu_slide.stem
+    if kind == "symlink":
+        plain.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        shutil.copytree(elsewhere, plain)
+    r = _run_dark(darkness_registry, cmu_slide, out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert Path(json.loads(r.stdout)[0]["out"]).name.startswith(cmu_slide.stem + "-")  # a folder of its own
+    assert (elsewhere / "mask.tiff").read_bytes() == b"precious" and (plain / "mask.tiff").read_bytes() == b"precious"
+    cfg = JobConfig(model="darkness", registry_path=str(darkness_registry), out_dir=str(out))
+    with pytest.raises(OutputError, match="does not hold this slide's results"):
+        run_slide(cmu_slide, cfg, dest=plain)  # even when told to write there
+    assert (elsewhere / "mask.tiff").read_bytes() == b"precious"
 
 
 # --------------------------------------------------------------------------- 3: corrupt tiles
@@ -156,7 +201,7 @@ def test_corrupt_tile_fails_the_slide_in_one_line(how: str, darkness_registry: P
     slide = tmp_path / "damaged.svs"
     col, row = _damaged_copy(REPO / "zoo" / "data" / "cmu-1-small-region.svs", slide, how)
     out = tmp_path / "out"
-    r = _zoo(darkness_registry, "run", "darkness", str(slide), "--out", str(out), "--all-tiles", "--no-progress")
+    r = _run_dark(darkness_registry, str(slide), str(out), "--all-tiles", "--no-progress")
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
@@ -170,9 +215,7 @@ def test_corrupt_tile_skipped_is_recorded_and_unknown(darkness_registry: Path, t
     slide = tmp_path / "damaged.svs"
     _damaged_copy(REPO / "zoo" / "data" / "cmu-1-small-region.svs", slide, "flip")
     out = tmp_path / "out"
-    r = _zoo(
-        darkness_registry, "run", "darkness", str(slide), "--out", str(out), "--all-tiles", "--on-bad-tile", "skip"
-    )
+    r = _run_dark(darkness_registry, str(slide), str(out), "--all-tiles", "--on-bad-tile", "skip")
     assert r.returncode == 0, r.stderr
     assert "undecodable tile" in r.stderr
     run = json.loads((out / "damaged" / "run.json").read_text())
@@ -283,14 +326,11 @@ def test_slide_mpp_does_not_override_metadata(
     cmu_slide: Path, tcga_slide: Path, darkness_registry: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out), "--slide-mpp", "0.25")
+    r = _run_dark(darkness_registry, str(cmu_slide), str(out), "--slide-mpp", "0.25")
     assert r.returncode == 1 and "0.499" in r.stderr and "--force-slide-mpp" in r.stderr
-    r = _zoo(
+    r = _run_dark(
         darkness_registry,
-        "run",
-        "darkness",
         str(cmu_slide),
-        "--out",
         str(out),
         "--slide-mpp",
         "0.25",
@@ -299,7 +339,7 @@ def test_slide_mpp_does_not_override_metadata(
     assert r.returncode == 0, r.stderr
     res = json.loads((out / cmu_slide.stem / "run.json").read_text())["resolution"]
     assert res["slide_mpp"] == 0.25 and res["slide_mpp_source"] == "--slide-mpp" and not res["slide_mpp_assumed"]
-    r = _zoo(darkness_registry, "run", "darkness", str(tcga_slide), "--out", str(out), "--slide-mpp", "0.25")
+    r = _run_dark(darkness_registry, str(tcga_slide), str(out), "--slide-mpp", "0.25")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / tcga_slide.stem / "run.json").read_text())["resolution"]
     assert res["slide_mpp_source"] == "--slide-mpp" and res["slide_mpp"] == 0.25
@@ -316,7 +356,7 @@ def test_resume_only_when_request_slide_and_outputs_match(
     out = tmp_path / "out"
 
     def status(*extra: str) -> tuple[str, str]:
-        r = _zoo(darkness_registry, "run", "darkness", str(slide), "--out", str(out), "--json", *extra)
+        r = _run_dark(darkness_registry, str(slide), str(out), "--json", *extra)
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout)[0]
         return res["status"], json.dumps(res["summary"])
@@ -351,7 +391,7 @@ def test_stale_partials_of_own_slide_are_removed(cmu_slide: Path, darkness_regis
     other = out / ".other.abcd1234.partial"  # another slide's, maybe live
     other.mkdir()
     (other / ".zoo-partial").write_text("1\n")
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out))
+    r = _run_dark(darkness_registry, str(cmu_slide), str(out))
     assert r.returncode == 0, r.stderr
     assert not stale.exists() and (foreign / "data").read_text() == "keep" and other.exists()
     assert "partial result folder" in r.stderr
@@ -434,7 +474,7 @@ def test_header_claiming_missing_tiles_is_refused(tmp_path: Path, darkness_regis
         t.pages[0].tags["ImageWidth"].overwrite(10**6)
         t.pages[0].tags["ImageLength"].overwrite(10**6)
     t0 = time.perf_counter()
-    r = _zoo(darkness_registry, "run", "darkness", str(path), "--out", str(tmp_path / "o"))
+    r = _run_dark(darkness_registry, str(path), str(tmp_path / "o"))
     assert time.perf_counter() - t0 < 60
     _one_error_line(r, str(path))
 
@@ -449,7 +489,7 @@ def test_bad_aperio_mpp_is_treated_as_missing(mpp: str, tmp_path: Path, darkness
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     info = json.loads(r.stdout)
     assert info["mpp"] is None and mpp in info["mpp_note"]
-    r = _zoo(darkness_registry, "run", "darkness", str(path), "--out", str(tmp_path / "o"), "--json")
+    r = _run_dark(darkness_registry, str(path), str(tmp_path / "o"), "--json")
     assert r.returncode == 0, r.stderr
     assert "no resolution metadata" in r.stderr
 
@@ -474,7 +514,7 @@ def test_verify_with_missing_test_file_or_folder_weights(darkness_registry: Path
 
 
 def test_level_out_of_range_is_one_line(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(tmp_path / "o"), "--level", "99")
+    r = _run_dark(darkness_registry, str(cmu_slide), str(tmp_path / "o"), "--level", "99")
     _one_error_line(r, "--level 99 does not exist", "0..0")
 
 
@@ -504,7 +544,7 @@ def test_no_space_left_is_one_line(
 
 def test_convert_onto_a_folder_and_export_into_a_file(tmp_path: Path, cmu_slide: Path, darkness_registry: Path) -> None:
     out = tmp_path / "o"
-    assert _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(out)).returncode == 0
+    assert _run_dark(darkness_registry, str(cmu_slide), str(out)).returncode == 0
     folder = tmp_path / "existing"
     folder.mkdir()
     r = run_zoo("convert", str(out / cmu_slide.stem / "mask.tiff"), "--to", "geojson", "--out", str(folder))
@@ -517,12 +557,9 @@ def test_convert_onto_a_folder_and_export_into_a_file(tmp_path: Path, cmu_slide:
 
 def test_unreachable_scheduler_is_one_line(cmu_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
     pytest.importorskip("dask.distributed", reason="dask[distributed] not installed (pip install '.[dask]')")
-    r = _zoo(
+    r = _run_dark(
         darkness_registry,
-        "run",
-        "darkness",
         str(cmu_slide),
-        "--out",
         str(tmp_path / "o"),
         "--scheduler",
         "tcp://127.0.0.1:9",
@@ -534,7 +571,7 @@ def test_out_checked_before_inference(cmu_slide: Path, darkness_registry: Path, 
     blocker = tmp_path / "f"
     blocker.write_text("")
     t0 = time.perf_counter()
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(blocker))
+    r = _run_dark(darkness_registry, str(cmu_slide), str(blocker))
     _one_error_line(r, "is a file, not a folder")
     assert time.perf_counter() - t0 < 30
 
@@ -549,7 +586,7 @@ def test_json_stdout_is_only_json(cmu_slide: Path, darkness_registry: Path, tmp_
     r = _zoo(darkness_registry, *base, "--providers", "CUDAExecutionProvider")
     if r.returncode == 1:
         assert "pip install" in r.stderr  # no silent CPU fallback when CUDA was asked for
-    r = _zoo(darkness_registry, "run", "darkness", str(cmu_slide), "--out", str(tmp_path / "o"), "--json")
+    r = _run_dark(darkness_registry, str(cmu_slide), str(tmp_path / "o"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["status"] == "ok"
 
 
@@ -634,9 +671,7 @@ def test_kill_9_then_rerun_finishes_the_rest(
     p.kill()
     p.communicate()
     first = json.loads((out / "s0" / "run.json").read_text())["created"]
-    r = _zoo(
-        darkness_registry, "run", "darkness", str(slides), "--out", str(out), "--mpp", "1", "--all-tiles", "--json"
-    )
+    r = _run_dark(darkness_registry, str(slides), str(out), "--mpp", "1", "--all-tiles", "--json")
     assert r.returncode == 0, r.stderr
     status = {Path(x["slide"]).name: x["status"] for x in json.loads(r.stdout)}
     assert status["s0.svs"] == "skipped" and status["s2.svs"] == "ok"
