@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -75,9 +76,7 @@ def render_overview(
     handles = []
     shown = [c for c in classes if c.index != 0]
     if (labels == UNKNOWN_LABEL).any():
-        shown.append(
-            type("Unknown", (), {"index": UNKNOWN_LABEL, "name": "Unknown (undecodable)", "color": (128, 128, 128)})
-        )
+        shown.append(SimpleNamespace(index=UNKNOWN_LABEL, name="Unknown (undecodable)", color=(128, 128, 128)))
     for c in shown:
         sel = labels == c.index
         rgb = np.asarray(c.color, np.float32) / 255.0

@@ -314,16 +314,21 @@ class OnnxModel:
         """Network input batch to (N, C, H, W) float32 class probabilities."""
         if self.fixed_batch and x.shape[0] != self.fixed_batch:
             return np.concatenate([self.predict(x[i : i + 1]) for i in range(x.shape[0])])
-        y: np.ndarray = np.asarray(self._raw(x), dtype=np.float32)
-        if self.entry.output.layout == "NHWC":
-            y = y.transpose(0, 3, 1, 2)
-        if not self.entry.output.already_activated:
-            if self.entry.output.activation == "sigmoid":
-                y = 1.0 / (1.0 + np.exp(-y))
-            elif self.entry.output.activation == "softmax":
-                e = np.exp(y - y.max(axis=1, keepdims=True))
-                y = e / e.sum(axis=1, keepdims=True)
-        return y
+        return to_probabilities(self._raw(x), self.entry)
+
+
+def to_probabilities(raw: np.ndarray, entry: ModelEntry) -> np.ndarray:
+    """The network's raw output to (N, C, H, W) float32 class probabilities (layout, then activation)."""
+    y: np.ndarray = np.asarray(raw, dtype=np.float32)
+    if entry.output.layout == "NHWC":
+        y = y.transpose(0, 3, 1, 2)
+    if not entry.output.already_activated:
+        if entry.output.activation == "sigmoid":
+            y = 1.0 / (1.0 + np.exp(-y))
+        elif entry.output.activation == "softmax":
+            e = np.exp(y - y.max(axis=1, keepdims=True))
+            y = e / e.sum(axis=1, keepdims=True)
+    return y
 
 
 def class_probability_rows(prob: np.ndarray, entry: ModelEntry) -> dict[int, np.ndarray]:

@@ -25,27 +25,13 @@ CPU_PREFERENCE = [("openvino", "bf16"), ("openvino", "fp16"), ("onnxruntime", "f
 _CHECKED: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
 
-def _postprocess(y: np.ndarray, entry: ModelEntry) -> np.ndarray:
-    """Raw network output to (N, C, H, W) probabilities, as the runner does."""
-    y = np.asarray(y, dtype=np.float64)
-    if entry.output.layout == "NHWC":
-        y = y.transpose(0, 3, 1, 2)
-    if not entry.output.already_activated:
-        if entry.output.activation == "sigmoid":
-            y = 1.0 / (1.0 + np.exp(-y))
-        elif entry.output.activation == "softmax":
-            e = np.exp(y - y.max(axis=1, keepdims=True))
-            y = e / e.sum(axis=1, keepdims=True)
-    return y
-
-
 def check_precision(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> dict[str, Any]:
     """Run the bundled test on ``engine`` at ``precision`` and compare with the bundled fp32 output.
 
     Returns ``ok``, ``skipped`` (a reason, when this machine cannot run it), ``dice``, ``max_abs_diff``
     and the tolerances. Results are kept for the life of the process.
     """
-    from zoo.runner import OnnxModel, engine_unavailable, labels_from_probabilities
+    from zoo.runner import OnnxModel, engine_unavailable, labels_from_probabilities, to_probabilities
 
     key = (entry.id, entry.weights.sha256, engine, precision)
     if key in _CHECKED:
@@ -76,7 +62,7 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
         _CHECKED[key] = res
         return res
     raw_diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
-    pg, pe = _postprocess(got, entry), _postprocess(expected, entry)
+    pg, pe = to_probabilities(got, entry), to_probabilities(expected, entry)
     prob_diff = float(np.abs(pg - pe).max())
     dices = []
     for a, b in zip(pg, pe):
@@ -111,11 +97,7 @@ def verify_model(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
     checks = [
         check_precision(entry, registry, eng, prec) for prec, spec in entry.precisions.items() for eng in spec.engines
     ]
-    ref = (
-        next(c for c in checks if c["engine"] == "onnxruntime" and c["precision"] == "fp32")
-        if any(c["engine"] == "onnxruntime" and c["precision"] == "fp32" for c in checks)
-        else check_precision(entry, registry, "onnxruntime", "fp32")
-    )
+    ref = check_precision(entry, registry, "onnxruntime", "fp32")  # cached: the very result listed in ``checks``
     ok = bool(ref["ok"]) and all(c["ok"] for c in checks if not c.get("skipped"))
     parts = [f"sha256 ok; fp32 onnxruntime {ref.get('detail', ref.get('error'))}"]
     for c in checks:
