@@ -18,8 +18,9 @@ import numpy as np
 from zoo.errors import ProviderError, RegistryError
 from zoo.registry import ModelEntry, Registry, verified_weights
 
-#: Expected speed order on a CPU (fastest first): bf16 on OpenVINO was 1.9x ONNX Runtime fp32 here
-#: (benchmarks/bench_inference.py); ONNX Runtime fp32 was 1.09x faster than OpenVINO fp32.
+#: Expected speed order on a CPU (fastest first), measured with ``benchmarks/bench_runner.py --big --mpp 2``:
+#: bf16 on OpenVINO ran 1.9x ONNX Runtime fp32; ONNX Runtime fp32 ran 1.01-1.06x faster than OpenVINO fp32
+#: (``--engines onnxruntime:fp32 openvino:fp32``).
 CPU_PREFERENCE = [("openvino", "bf16"), ("openvino", "fp16"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
 
 _CHECKED: dict[tuple[str, str, str, str], dict[str, Any]] = {}
