@@ -323,14 +323,24 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     reg = load_registry(args.registry)
     rows = [
-        {"id": m.id, "task": m.task, "default": m.name == reg.default_model, "licence": m.licence, "summary": m.summary}
+        {
+            "id": m.id,
+            "kind": m.kind,
+            "task": m.task,
+            "stages": [name for name, _ in m.networks()],
+            "default": m.name == reg.default_model,
+            "licence": m.licence,
+            "summary": m.summary,
+        }
         for m in reg.models
     ]
     if args.json:
         _print(rows, True)
     else:
+        print(f"{'MODEL':<24} {'KIND':<21} {'TASK':<20} SUMMARY")
         for r in rows:
-            print(f"{r['id']:<28} {r['task']:<22} {'(default) ' if r['default'] else ''}{r['summary']}")
+            kind = r["kind"] + (f" ({'+'.join(r['stages'])})" if len(r["stages"]) > 1 else "")
+            print(f"{r['id']:<24} {kind:<21} {r['task']:<20} {'(default) ' if r['default'] else ''}{r['summary']}")
     return 0
 
 

@@ -335,7 +335,7 @@ def request_of(cfg: JobConfig, entry: ModelEntry) -> dict[str, Any]:
     r = cfg.run
     return {
         "model": entry.id,
-        "sha256": entry.weights.sha256,
+        "sha256": entry.weights.sha256 if not entry.stages else entry.pinned_sha256(),
         "target_mpp": r.target_mpp,
         "level": r.level,
         "slide_mpp": r.slide_mpp,
@@ -438,20 +438,36 @@ def _run_locked(
     from zoo.labelmask import UNKNOWN_LABEL
     from zoo.outputs import current_umask, write_json, write_mask_tiff
     from zoo.pictures import render_overview, sample_mask
-    from zoo.runner import OnnxModel, default_providers, predict_slide
+    from zoo.kinds import predict
+    from zoo.runner import OnnxModel, default_providers
     from zoo.slide import thumbnail
     from zoo.verify import select_engine
 
-    files = verified_model_files(entry, reg)
+    networks = entry.networks()
+    stage_files = {name: verified_model_files(view, reg) for name, view in networks}
+    files = [p for name, _ in networks for p in stage_files[name]]
     gpu = cfg.run.device is not None or "CUDAExecutionProvider" in (cfg.run.providers or default_providers())
     engine = select_engine(entry, reg, cfg.engine, cfg.precision, gpu=gpu)
+    stage_engines = {
+        name: engine if view is entry else select_engine(view, reg, cfg.engine, "auto", gpu=gpu) for name, view in networks
+    }
     identity = slide_identity(slide_path)
     t0 = time.perf_counter()
     with open_slide(slide_path, backend=cfg.backend, on_bad_tile=cfg.on_bad_tile) as slide:  # type: ignore[arg-type]
-        model = OnnxModel(
-            files[0], entry, cfg.run.providers, cfg.run.threads, cfg.run.device, engine.engine, engine.precision
-        )
-        pred = predict_slide(slide, model, cfg.run)
+        models = {
+            name: OnnxModel(
+                stage_files[name][0],
+                view,
+                cfg.run.providers,
+                cfg.run.threads,
+                cfg.run.device,
+                stage_engines[name].engine,
+                stage_engines[name].precision,
+            )
+            for name, view in networks
+        }
+        model = models[entry.stage_name]
+        pred = predict(slide, entry, models, cfg.run)
         slide_info = slide.describe()
         thumb, thumb_ds = thumbnail(slide, max_side_px=1024)
     choice = pred.choice
@@ -555,8 +571,10 @@ def _run_locked(
             "versions": versions(),
             "model": {
                 "id": entry.id,
+                "kind": entry.kind,
                 "sha256": entry.weights.sha256,
                 "files": [{"path": str(p), "sha256": s} for p, s in zip(files, entry.pinned_sha256())],
+                "stages": {n: {"engine": e.engine, "precision": e.precision} for n, e in stage_engines.items()},
                 "weights": str(files[0]),
                 "licence": entry.licence,
             },

@@ -83,7 +83,7 @@ class OutputSpec(_Strict):
 
     output_name: str
     activation: Literal["sigmoid", "softmax", "none"]
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    layout: Literal["NCHW", "NHWC", "NC"] = Field("NCHW", description="NC: one vector per patch (classifiers)")
     channels: int = Field(1, ge=1)
     threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is the class (sigmoid)")
     already_activated: bool = Field(True, description="the ONNX graph ends with the activation")
@@ -138,12 +138,67 @@ class TestSpec(_Strict):
     atol: float = Field(1e-4, gt=0)
 
 
+class EntropyRails(_Strict):
+    """Seed 001's tile selector: keep a tile only if its grey-level entropy (bits) lies on or between the rails."""
+
+    min_bits: float = Field(ge=0, le=8)
+    max_bits: float = Field(ge=0, le=8)
+    source: str = Field(description="where the rails were learned")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EntropyRails:
+        if self.min_bits > self.max_bits:
+            raise ValueError(f"entropy rails min_bits {self.min_bits} > max_bits {self.max_bits}")
+        return self
+
+
+class SelectionSpec(_Strict):
+    """Which tiles are classified: the tissue pre-mask (glass skipped) and optional entropy rails."""
+
+    tissue_premask: bool = True
+    entropy_rails: EntropyRails | None = None
+
+
+class StageSource(_Strict):
+    """One input of a cascade stage: the slide, or one class's probability map from an earlier stage."""
+
+    source: str = Field(description="'slide' or the name of an earlier stage")
+    class_name: str | None = Field(None, description="for a stage source: which class's probability")
+
+
+class StageSpec(_Strict):
+    """A later stage of a cascade: its own network, input spec, pinned weights and bundled test.
+
+    Its inputs (``sources``) are concatenated along channels in order; the slide is resized to the
+    stage's ``input.patch_size_px`` (``mode: whole-slide``) and scaled by its ``input`` spec, a stage's
+    class probability is resized to the same size and fed as is (0-1).
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    summary: str
+    sources: list[StageSource] = Field(min_length=1)
+    input: InputSpec
+    output: OutputSpec
+    weights: WeightsSpec
+    test: TestSpec | None = None
+
+
+ModelKind = Literal["segmentation", "patch-classification", "cascade"]
+
+
 class ModelEntry(_Strict):
-    """One versioned model."""
+    """One versioned model.
+
+    ``kind`` picks the runner module (:mod:`zoo.kinds`): ``segmentation`` (tiles or the whole slide
+    to per-pixel probabilities), ``patch-classification`` (one probability per class per tile,
+    averaged where tiles overlap), ``cascade`` (this entry's network is the first stage, named
+    ``stage_name``; ``stages`` follow, each fed by the slide and/or earlier stages).
+    """
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     version: str
-    task: Literal["tissue-segmentation", "semantic-segmentation", "patch-classification"]
+    kind: ModelKind = "segmentation"
+    task: Literal["tissue-segmentation", "semantic-segmentation", "patch-classification", "tumour-segmentation"]
     summary: str
     architecture: str
     classes: list[ClassSpec] = Field(min_length=2)
@@ -155,6 +210,9 @@ class ModelEntry(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
     test: TestSpec | None = None
     card: str | None = Field(None, description="model card (markdown), relative to the registry")
+    selection: SelectionSpec = Field(default_factory=SelectionSpec, description="which tiles are classified")
+    stage_name: str = Field("main", pattern=r"^[a-z0-9][a-z0-9-]*$", description="this network's stage name")
+    stages: list[StageSpec] = Field(default_factory=list, description="cascade: the stages after this one")
     precisions: dict[Precision, PrecisionSpec] = Field(
         default_factory=lambda: dict[Precision, PrecisionSpec](
             {"fp32": PrecisionSpec(min_dice=1.0, max_abs_diff=1e-4)}
@@ -180,7 +238,75 @@ class ModelEntry(_Strict):
             raise ValueError("int8 needs its own quantised weights, which this registry schema does not pin yet")
         if set(self.precisions) - {"fp32"} and self.test is None:
             raise ValueError("precisions other than fp32 need a bundled test to be verified against")
+        if self.kind == "patch-classification" or (self.kind == "cascade" and self.output.layout == "NC"):
+            if self.input.mode != "tiled" or self.output.layout != "NC":
+                raise ValueError(f"{self.kind} needs input.mode 'tiled' and output.layout 'NC' (one vector per tile)")
+        elif self.output.layout == "NC":
+            raise ValueError(f"output.layout 'NC' (one vector per tile) needs kind patch-classification, not {self.kind}")
+        if self.selection.entropy_rails is not None and self.input.mode != "tiled":
+            raise ValueError("entropy rails select tiles: they need input.mode 'tiled'")
+        if self.kind == "cascade":
+            self._check_stages()
+        elif self.stages:
+            raise ValueError(f"stages are for kind 'cascade', not {self.kind!r}")
         return self
+
+    def _check_stages(self) -> None:
+        if not self.stages:
+            raise ValueError("a cascade needs at least one entry in stages")
+        names = [self.stage_name]
+        channels = {self.stage_name: [c.name for c in self.classes]}
+        for st in self.stages:
+            where = f"stage {st.name!r}"
+            if st.name in names:
+                raise ValueError(f"{where}: duplicate stage name")
+            if st.input.mode != "whole-slide":
+                raise ValueError(f"{where}: a later stage takes the slide and maps resized to its input size; "
+                                 "set input.mode 'whole-slide'")
+            fed = 0
+            for src in st.sources:
+                if src.source == "slide":
+                    if st.input.channel_order == "grey":
+                        raise ValueError(f"{where}: a slide source is fed as RGB or BGR, not grey")
+                    fed += 3
+                elif src.source in channels:
+                    if src.class_name not in channels[src.source]:
+                        raise ValueError(f"{where}: stage {src.source!r} has no class {src.class_name!r}; "
+                                         f"use one of {channels[src.source]}")
+                    fed += 1
+                else:
+                    raise ValueError(f"{where}: source {src.source!r} is neither 'slide' nor an earlier stage {names}")
+            if fed != st.input.channels:
+                raise ValueError(f"{where}: its sources give {fed} channels but input.channels is {st.input.channels}")
+            if len(st.input.mean) != st.input.channels:
+                raise ValueError(f"{where}: mean/std need {st.input.channels} values")
+            if st.output.layout == "NC":
+                raise ValueError(f"{where}: a later stage must output maps (NCHW/NHWC), not one vector")
+            if st.output.activation == "softmax" and st.output.channels != len(self.classes):
+                raise ValueError(f"{where}: {st.output.channels} softmax channels for {len(self.classes)} classes")
+            names.append(st.name)
+            channels[st.name] = [c.name for c in self.classes]
+
+    def networks(self) -> list[tuple[str, ModelEntry]]:
+        """(stage name, entry view) per network, first stage first; a view carries the stage's input,
+        output, weights and test, so engines, verification and exports treat it as a single model."""
+        out: list[tuple[str, ModelEntry]] = [(self.stage_name, self)]
+        for st in self.stages:
+            view = self.model_copy(
+                update={
+                    "kind": "segmentation",
+                    "stage_name": st.name,
+                    "stages": [],
+                    "input": st.input,
+                    "output": st.output,
+                    "weights": st.weights,
+                    "test": st.test,
+                    "precisions": {"fp32": self.precisions["fp32"]},
+                    "selection": SelectionSpec(tissue_premask=False),
+                }
+            )
+            out.append((st.name, view))
+        return out
 
     @property
     def id(self) -> str:
@@ -193,8 +319,11 @@ class ModelEntry(_Strict):
         return [c for c in self.classes if c.index != 0]
 
     def pinned_sha256(self) -> list[str]:
-        """sha256 of the ONNX file, then of each external-data file, in ``weights.files`` order."""
-        return [self.weights.sha256, *(f.sha256 for f in self.weights.files)]
+        """sha256 of the ONNX file, then of each external-data file, in ``weights.files`` order, for every stage."""
+        out = []
+        for w in [self.weights, *(st.weights for st in self.stages)]:
+            out += [w.sha256, *(f.sha256 for f in w.files)]
+        return out
 
 
 class Registry(_Strict):

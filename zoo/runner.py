@@ -320,6 +320,8 @@ class OnnxModel:
 def to_probabilities(raw: np.ndarray, entry: ModelEntry) -> np.ndarray:
     """The network's raw output to (N, C, H, W) float32 class probabilities (layout, then activation)."""
     y: np.ndarray = np.asarray(raw, dtype=np.float32)
+    if entry.output.layout == "NC":  # one vector per patch: a 1x1 map
+        y = y.reshape(y.shape[0], -1, 1, 1)
     if entry.output.layout == "NHWC":
         y = y.transpose(0, 3, 1, 2)
     if not entry.output.already_activated:
@@ -618,6 +620,8 @@ def run_whole_slide(slide: Slide, model: OnnxModel, opts: RunOptions) -> Predict
 def predict_slide(slide: Slide, model: OnnxModel, opts: RunOptions | None = None) -> Prediction:
     """Run ``model`` on ``slide`` according to its registry entry's input mode."""
     opts = opts or RunOptions()
+    if model.entry.output.layout == "NC":
+        raise ModelInputError(f"{model.entry.id} classifies patches; run it with zoo.kinds.predict")
     if model.entry.input.mode == "whole-slide":
         return run_whole_slide(slide, model, opts)
     return run_tiled(slide, model, opts)

@@ -84,7 +84,25 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
 
 
 def verify_model(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
-    """Check ``entry``'s pinned files and its bundled test on every allowed engine and precision.
+    """Check every network (cascade stage) of ``entry``: pinned files and bundled test on every allowed
+    engine and precision (see :func:`verify_network`); ``stages`` holds one result per stage."""
+    nets = entry.networks()
+    if len(nets) == 1:
+        return verify_network(entry, registry)
+    results = {name: verify_network(view, registry) for name, view in nets}
+    return {
+        "model": entry.id,
+        "ok": all(r["ok"] for r in results.values()),
+        "max_abs_diff": max((r.get("max_abs_diff") or 0.0) for r in results.values()),
+        "atol": min((r.get("atol") or 1.0) for r in results.values()),
+        "detail": " | ".join(f"stage {name}: {r['detail']}" for name, r in results.items()),
+        "checks": [{**c, "stage": name} for name, r in results.items() for c in r["checks"]],
+        "stages": results,
+    }
+
+
+def verify_network(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
+    """Check one network's pinned files and its bundled test on every allowed engine and precision.
 
     Returns ``ok`` (the files, fp32 on ONNX Runtime and every combination this machine can run pass),
     ``model``, ``detail`` and ``checks`` (one per combination, with ``skipped`` reasons).

@@ -1,0 +1,99 @@
+"""Kind ``cascade`` (H2G-Net, seed 004 Fig. 3): named stages, each its own network.
+
+The entry's own network is the first stage, a patch classifier (:mod:`zoo.kinds.patch_classification`)
+giving a heatmap at the tile stride. Each later stage (``entry.stages``) concatenates its sources
+along channels: the slide's low-resolution image resized to the stage's ``input.patch_size_px``
+(bilinear, aspect not kept, as H2G-Net and FAST's ImageResizer do) and scaled by the stage's input
+spec, and/or an earlier stage's class probability map resized to the same size (0-1). The last
+stage's probabilities are resized back to the slide's aspect, longest side ``patch_size_px``, for
+the label mask and heatmaps. run.json gets per-stage seconds and shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from zoo.kinds.patch_classification import classify_tiles, grid_prediction
+from zoo.labelmask import LabelMask
+from zoo.registry import ModelEntry
+from zoo.runner import OnnxModel, Prediction, RunOptions, class_probability_rows, labels_from_probabilities
+from zoo.slide import Slide, thumbnail
+
+
+def _resize(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of one float32 (H, W) plane."""
+    return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _class_planes(prob: np.ndarray, entry: ModelEntry) -> dict[str, np.ndarray]:
+    """(C, H, W) probabilities to class name -> plane (softmax: channel per class in index order)."""
+    order = sorted(entry.classes, key=lambda c: c.index)
+    if prob.shape[0] == len(order):
+        return {c.name: prob[k] for k, c in enumerate(order)}
+    fg = entry.foreground
+    return {c.name: prob[k] for k, c in enumerate(fg)}
+
+
+def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts: RunOptions) -> Prediction:
+    t0 = time.perf_counter()
+    grid = classify_tiles(slide, entry, models[entry.stage_name], opts)
+    first = grid_prediction(grid, entry, opts)
+    first.mask.close()
+    for h in first.probabilities.values():
+        h.close()
+    planes: dict[str, dict[str, np.ndarray]] = {entry.stage_name: _class_planes(grid.prob, entry)}
+    stage_stats: dict[str, Any] = {entry.stage_name: {"seconds": grid.stats["seconds_total"], **grid.stats}}
+    low: np.ndarray | None = None
+    prob = grid.prob
+    views = dict(entry.networks())
+    for st in entry.stages:
+        ts = time.perf_counter()
+        model = models[st.name]
+        w, h = st.input.patch_size_px
+        chans = []
+        for src in st.sources:
+            if src.source == "slide":
+                if low is None:
+                    low, _ = thumbnail(slide, max_side_px=max(w, h) * 2)
+                small = np.asarray(Image.fromarray(low).resize((w, h), Image.Resampling.BILINEAR), np.float32)
+                if st.input.channel_order == "BGR":
+                    small = small[..., ::-1]
+                chans.append(small.transpose(2, 0, 1) * st.input.scale)
+            else:
+                chans.append(_resize(planes[src.source][src.class_name or ""], w, h)[None])
+        mean = np.asarray(st.input.mean, np.float32)[:, None, None]
+        std = np.asarray(st.input.std, np.float32)[:, None, None]
+        x = ((np.concatenate(chans, 0) - mean) / std)[None].astype(np.float32)
+        if st.input.layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
+        prob = model.predict(np.ascontiguousarray(x))[0]
+        planes[st.name] = _class_planes(prob, views[st.name])
+        stage_stats[st.name] = {"seconds": round(time.perf_counter() - ts, 3), "input_shape": list(x.shape)}
+    # last stage back to the slide's aspect, longest side = its output size
+    w0, h0 = slide.dimensions
+    side = max(prob.shape[1:])
+    ds = max(w0, h0) / side
+    mw, mh = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+    up = np.stack([_resize(p, mw, mh) for p in prob])
+    labels = labels_from_probabilities(up, entry)
+    mask = LabelMask(mh, mw, opts.scratch_dir)
+    mask.write_rows(0, labels)
+    heatmaps, sums = {}, {}
+    for idx, raster in class_probability_rows(up, entry).items():
+        heatmaps[idx] = LabelMask(mh, mw, opts.scratch_dir)
+        heatmaps[idx].write_rows(0, raster)
+        sums[idx] = float(raster[labels == idx].sum(dtype=np.int64))
+    ch = grid.choice
+    stats = {
+        **{k: v for k, v in grid.stats.items() if k.startswith("tiles")},
+        "stages": stage_stats,
+        "seconds_per_stage": {k: v["seconds"] for k, v in stage_stats.items()},
+        "model_dimensions_px": [mw, mh],
+        "seconds_total": round(time.perf_counter() - t0, 3),
+    }
+    return Prediction(mask, ds, ch.mpp0 * ds, ch, stats, heatmaps, sums)

@@ -1,0 +1,54 @@
+"""ONNX export shared by the model families: dynamic batch, probabilities out, checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def export_onnx(
+    model: nn.Module,
+    chw: tuple[int, int, int],
+    onnx_path: Path,
+    input_name: str,
+    output_name: str,
+    tol: float = 1e-4,
+    dynamic_hw: bool = False,
+) -> float:
+    """Export ``model`` (eval mode, outputs probabilities) with a dynamic batch axis; return max |torch - ORT|.
+
+    Raises:
+        ValueError: ONNX Runtime and torch disagree by more than ``tol`` (nothing is written).
+    """
+    import onnxruntime as ort
+
+    model = model.eval()
+    x = torch.rand(2, *chw, generator=torch.Generator().manual_seed(0))
+    axes: dict[int, str] = {0: "batch"}
+    if dynamic_hw:
+        axes.update({2: "height", 3: "width"})
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = onnx_path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (x,),
+        str(tmp),
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: axes, output_name: dict(axes)},
+        opset_version=17,
+        dynamo=False,
+    )
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {input_name: x.numpy()})[0]
+    err = float(np.abs(ref - got).max())
+    if err > tol:
+        tmp.unlink()
+        raise ValueError(f"{onnx_path}: ONNX Runtime output differs from torch by {err:.2e} > {tol:.0e}")
+    tmp.replace(onnx_path)
+    return err

@@ -1,0 +1,123 @@
+"""Seed 001 (entropy rails + lightweight tile CNN), trained here on PatchCamelyon.
+
+Entropy rails: the minimum and maximum grey-level image entropy (bits, :func:`zoo.train.pcam.image_entropy`)
+of the training tumour patches; at inference a tile is classified only when its entropy lies on or
+between the rails (seed 001: "a candidate tile is retained only if its image entropy lies on or
+within the rails").
+
+The CNN follows the paper's description of its model (reference [15]): few convolutional layers and
+three dropout layers, softmax, categorical cross-entropy, Adam 1e-4, batch 16, random flips only:
+three 3x3 conv + ReLU + 2x2 max-pool stages (32, 64, 128 filters), dense 64, dense 2
+(1,271,234 parameters; :func:`count_parameters`).
+
+``python -m zoo.train.tumour_tiles train --pack PACK --out DIR`` trains (GPU when present);
+``rails --zip PCAM`` prints the rails; ``export`` writes the ONNX file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from zoo.train.h2g import _device, _to_tensor, count_parameters, train_classifier
+from zoo.train.pcam import image_entropy, load_pack, read_pcam
+
+
+class TileCNN(nn.Module):
+    """(N, 3, 96, 96) RGB in [0, 1] -> (N, 2) probabilities (non-tumour, tumour)."""
+
+    def __init__(self, patch_px: int = 96, classes: int = 2) -> None:
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(
+            *stage(3, 32), *stage(32, 64), nn.Dropout(0.25), *stage(64, 128), nn.Dropout(0.25), nn.Flatten()
+        )
+        side = patch_px // 8
+        self.head = nn.Sequential(nn.Linear(128 * side * side, 64), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(64, classes))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
+
+
+def learn_rails(zip_path: Path) -> dict[str, float]:
+    """Entropy rails (bits) from every training tumour patch of the PCam zip."""
+    train = read_pcam(zip_path, "train")
+    tumour = train.subset(np.flatnonzero(train.labels == 1))
+    h = image_entropy(tumour.decode())
+    return {"min_bits": round(float(h.min()), 4), "max_bits": round(float(h.max()), 4), "tumour_patches": len(h)}
+
+
+def train(pack: Path, out: Path, steps: int, batch: int, seed: int) -> dict[str, object]:
+    dev = _device()
+    t0 = time.perf_counter()
+    s1 = load_pack(pack, "stage1")
+    x = _to_tensor(s1.decode(), dev)
+    y = torch.from_numpy(s1.labels).to(dev)
+    net = TileCNN().to(dev)
+    log = train_classifier(net, x, y, steps, batch, 1e-4, seed, colour_aug=False, cosine=False, log_every=1000)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / "tiles.pt")
+    summary: dict[str, object] = {
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "seed": seed,
+        "parameters": count_parameters(net),
+        "patches": {"tumour": int((y == 1).sum()), "non_tumour": int((y == 0).sum())},
+        "steps": steps,
+        "batch": batch,
+        "epochs": round(steps * batch / len(y), 1),
+        "optimiser": "Adam 1e-4 (seed 001), flips only",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "loss_log": log,
+    }
+    (out / "train.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
+    from zoo.train.export import export_onnx
+
+    net = TileCNN()
+    net.load_state_dict(torch.load(state_dir / "tiles.pt", map_location="cpu"))
+    return {"tiles": export_onnx(net.eval(), (3, 96, 96), out_dir / "tumour-tiles.onnx", "image", "probabilities")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zoo.train.tumour_tiles", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the tile CNN from a pack's stage1 set")
+    t.add_argument("--pack", type=Path, required=True, help="pack .npz (zoo.train.tumour_data)")
+    t.add_argument("--out", type=Path, required=True, help="folder for tiles.pt and train.json")
+    t.add_argument("--steps", type=int, default=12000, help="optimiser steps")
+    t.add_argument("--batch", type=int, default=16, help="batch (seed 001: 16)")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    r = sub.add_parser("rails", help="print the entropy rails of the PCam training tumour patches")
+    r.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    e = sub.add_parser("export", help="export tumour-tiles.onnx")
+    e.add_argument("--state", type=Path, required=True, help="folder with tiles.pt")
+    e.add_argument("--out", type=Path, required=True, help="output folder")
+    a = ap.parse_args(argv)
+    if a.cmd == "train":
+        s = train(a.pack, a.out, a.steps, a.batch, a.seed)
+        print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
+    elif a.cmd == "rails":
+        print(json.dumps(learn_rails(a.zip)))
+    else:
+        print(json.dumps(export(a.state, a.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
