@@ -174,6 +174,8 @@ def check_exportable(entry: ModelEntry) -> None:
         )
     if entry.output.activation == "none":
         raise FplError(f"{entry.id}: FAST needs probabilities; export the model with its sigmoid/softmax")
+    if entry.kind != "segmentation":
+        check_exportable_stages(entry)
 
 
 def _magnification(mpp: float) -> float:
@@ -181,8 +183,148 @@ def _magnification(mpp: float) -> float:
     return round(10.0 / mpp, 4)
 
 
+def check_exportable_stages(entry: ModelEntry) -> None:
+    """Refuse patch-classification and cascade entries FAST cannot run, with the reason.
+
+    FAST's PatchStitcher stitches one classification vector per patch into a heatmap; a later stage
+    is a network fed by the slide's lowest pyramid level and/or the first stage's heatmap, each
+    resized by FAST to the network's input size and multiplied by one scale-factor.
+    """
+    for st in entry.stages:
+        where = f"{entry.id} stage {st.name!r}"
+        if len(set(st.input.mean)) > 1 or len(set(st.input.std)) > 1 or st.input.mean[0] != 0 or st.input.std[0] != 1:
+            raise FplError(
+                f"{where}: FAST feeds later stages with one scale-factor only; fold mean/std into the ONNX graph"
+            )
+        for src in st.sources:
+            if src.source not in ("slide", entry.stage_name):
+                raise FplError(f"{where}: FAST pipelines here feed later stages from the slide or the first stage only")
+        names = [src.input_name or st.input.input_name for src in st.sources]
+        if len(set(names)) != len(names):
+            raise FplError(f"{where}: FAST feeds one image per network input; give each source its own input_name")
+
+
+def _stage_model_paths(entry: ModelEntry, model_path: str | dict[str, str] | None) -> dict[str, str]:
+    if isinstance(model_path, dict):
+        return model_path
+    if model_path is not None:
+        return {entry.stage_name: model_path}
+    return {name: f"$CURRENT_PATH$/../models/{_model_file(entry, name)}" for name, _ in entry.networks()}
+
+
+def _model_file(entry: ModelEntry, stage: str) -> str:
+    """File name of a stage's ONNX in a FastPathology folder."""
+    return f"{entry.name}.onnx" if stage == entry.stage_name else f"{entry.name}-{stage}.onnx"
+
+
+def _render_patchwise(entry: ModelEntry, variant: str, engine: str, paths: dict[str, str]) -> Pipeline:
+    """Patch classification (and a cascade's later stages) as FAST objects; see :func:`render_pipeline`."""
+    check_exportable_stages(entry)
+    spec = entry.input
+    assert spec.target_mpp is not None
+    w, h = spec.patch_size_px
+    order = sorted(entry.classes, key=lambda c: c.index)
+    fg = [k for k, c in enumerate(order) if c.index != 0]
+    blocks: list[Block] = []
+    if variant == "fastpathology":
+        blocks.append(Block("PipelineInputData", "WSI", ["Whole-slide image"]))
+    else:
+        blocks.append(Block("ProcessObject", "WSI", ["WholeSlideImageImporter"], [("filename", "@@wsi@@")]))
+    blocks += [
+        Block("ProcessObject", "tissueSeg", ["TissueSegmentation"], inputs=[(0, "WSI", 0)]),
+        # FAST's PatchStitcher cannot stitch overlapping classification vectors (it stops with "Width
+        # must be larger than 0"), and it has no entropy-rails selector: every tissue tile, no overlap.
+        Block(
+            "ProcessObject",
+            "patch",
+            ["PatchGenerator"],
+            [
+                ("patch-size", f"{w} {h}"),
+                ("patch-magnification", repr(_magnification(spec.target_mpp))),
+                ("patch-overlap", "0.0"),
+                ("mask-threshold", "0.02"),
+            ],
+            [(0, "WSI", 0), (1, "tissueSeg", 0)],
+        ),
+        Block(
+            "ProcessObject",
+            "network",
+            ["NeuralNetwork"],
+            [
+                ("model", _quote(paths[entry.stage_name])),
+                ("scale-factor", repr(spec.scale)),
+                ("inference-engine", engine),
+            ],
+            [(0, "patch", 0)],
+        ),
+        Block("ProcessObject", "stitcher", ["PatchStitcher"], inputs=[(0, "network", 0)]),
+        Block("ProcessObject", "finish", ["RunUntilFinished"], inputs=[(0, "stitcher", 0)]),
+        Block("ProcessObject", "heatmap", ["TensorToImage"], [("channels", str(fg[0]))], [(0, "finish", 0)]),
+    ]
+    result, result_is_heatmap = "heatmap", True
+    for st in entry.stages:
+        feeds: list[tuple[str, str]] = []
+        for src in st.sources:
+            if src.source == "slide":
+                blocks.append(
+                    Block("ProcessObject", "lowRes", ["ImagePyramidLevelExtractor"], [("level", "-1")], [(0, "WSI", 0)])
+                )
+                feeds.append((src.input_name or st.input.input_name, "lowRes"))
+            else:
+                feeds.append((src.input_name or st.input.input_name, "heatmap"))
+        # FAST orders a network's input ports by input name
+        inputs = [(port, obj, 0) for port, (_, obj) in enumerate(sorted(feeds))]
+        blocks.append(
+            Block(
+                "ProcessObject",
+                st.name,
+                ["SegmentationNetwork"],
+                [
+                    ("model", _quote(paths[st.name])),
+                    ("scale-factor", repr(st.input.scale)),
+                    ("inference-engine", engine),
+                ],
+                inputs,
+            )
+        )
+        result, result_is_heatmap = st.name, False
+    if variant == "export":
+        blocks.append(
+            Block("ProcessObject", "exporter", ["MetaImageExporter"], [("filename", "@@output@@")], [(0, result, 0)])
+        )
+    else:
+        blocks.append(
+            Block(
+                "PipelineOutputData",
+                "segmentation" if not result_is_heatmap else "heatmap",
+                [result if not result_is_heatmap else "stitcher", "0"],
+                [("classes", _quote(";".join(c.name for c in order)))],
+            )
+        )
+        blocks += [
+            Block("Renderer", "imgRenderer", ["ImagePyramidRenderer"], inputs=[(0, "WSI", 0)]),
+            Block("Renderer", "heatmapRenderer", ["HeatmapRenderer"], inputs=[(0, "stitcher", 0)]),
+        ]
+        if not result_is_heatmap:
+            colours = " ".join(f'"{c.index}" "{_hex(c.color)}"' for c in order if c.index != 0)
+            blocks.append(
+                Block(
+                    "Renderer",
+                    "segRenderer",
+                    ["SegmentationRenderer"],
+                    [("opacity", "0.4"), ("border-opacity", "0.8"), ("label-colors", colours)],
+                    [(0, result, 0)],
+                )
+            )
+    name = f"{entry.name} {entry.version}" + (" (export)" if variant == "export" else "")
+    return Pipeline(name, entry.summary, blocks)
+
+
 def render_pipeline(
-    entry: ModelEntry, variant: str = "fastpathology", engine: str = "ONNXRuntime", model_path: str | None = None
+    entry: ModelEntry,
+    variant: str = "fastpathology",
+    engine: str = "ONNXRuntime",
+    model_path: str | dict[str, str] | None = None,
 ) -> Pipeline:
     """A FAST pipeline that runs ``entry`` as the runner does.
 
@@ -190,9 +332,16 @@ def render_pipeline(
         variant: ``fastpathology`` (the WSI comes from the app, results are rendered) or
             ``export`` (headless: ``@@wsi@@`` in, TIFF pyramid ``@@output@@`` out).
         engine: FAST inference engine (ONNXRuntime, OpenVINO, TensorRT).
-        model_path: model file as FAST should see it (default: the FastPathology folder layout).
+        model_path: model file as FAST should see it (default: the FastPathology folder layout);
+            for a cascade, stage name -> path.
+
+    Patch-classification and cascade entries export a heatmap (``.mhd``, first foreground class)
+    or the last stage's label image (``.mhd``) in the ``export`` variant.
     """
     check_exportable(entry)
+    if entry.kind != "segmentation":
+        return _render_patchwise(entry, variant, engine, _stage_model_paths(entry, model_path))
+    assert not isinstance(model_path, dict)
     spec, out = entry.input, entry.output
     model_attr = _quote(model_path or f"$CURRENT_PATH$/../models/{entry.name}.onnx")
     labels = [c for c in entry.classes if c.index != 0]
@@ -290,6 +439,10 @@ def export_fast_folder(entry: ModelEntry, registry: Registry, dest: Path, engine
         onnx_dest = dest / "models" / f"{entry.name}.onnx"
         shutil.copyfile(files[0], onnx_dest)
         written.append(onnx_dest)
+        for name, view in entry.networks()[1:]:
+            stage_dest = dest / "models" / _model_file(entry, name)
+            shutil.copyfile(verified_model_files(view, registry)[0], stage_dest)
+            written.append(stage_dest)
         for spec, src in zip(entry.weights.files, files[1:]):  # external data, at the path the ONNX file names
             p = dest / "models" / spec.path
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +471,7 @@ def model_config_txt(entry: ModelEntry, engine: str = "ONNXRuntime") -> str:
         "model_name": entry.name,
         "name": entry.name,
         "task": entry.summary,
-        "problem": "segmentation",
+        "problem": "classification" if entry.kind == "patch-classification" else "segmentation",
         "resolution": "high" if spec.mode == "tiled" else "low",
         "magnification_level": f"{_magnification(spec.target_mpp):g}" if spec.target_mpp else "",
         "mask_threshold": "0.02",
@@ -347,7 +500,9 @@ def repo_pipeline_files(entry: ModelEntry, engine: str = "ONNXRuntime") -> dict[
     checkout (``pipelines/`` beside ``models/``) and in the installed package
     (``zoo/pipelines`` beside ``zoo/models``).
     """
-    model_path = f"$CURRENT_PATH$/../{entry.weights.uri}"
+    model_path: str | dict[str, str] = f"$CURRENT_PATH$/../{entry.weights.uri}"
+    if entry.stages:
+        model_path = {name: f"$CURRENT_PATH$/../{view.weights.uri}" for name, view in entry.networks()}
     return {
         f"{entry.name}.fpl": write_fpl(render_pipeline(entry, "fastpathology", engine, model_path)),
         f"{entry.name}_export.fpl": write_fpl(render_pipeline(entry, "export", engine, model_path)),

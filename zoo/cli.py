@@ -322,7 +322,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from zoo.registry import load_registry
 
     reg = load_registry(args.registry)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": m.id,
             "kind": m.kind,

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from zoo.errors import FplError
 
@@ -62,3 +63,34 @@ def run_fast_pipeline_stats(fpl: Path, variables: dict[str, str], timeout_s: flo
 def run_fast_pipeline(fpl: Path, variables: dict[str, str], timeout_s: float = 1800) -> float:
     """Run ``fpl`` in FAST (see :func:`run_fast_pipeline_stats`); return FAST's own seconds."""
     return run_fast_pipeline_stats(fpl, variables, timeout_s)["seconds"]
+
+
+_MET_TYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "<u2", "MET_SHORT": "<i2", "MET_FLOAT": "<f4"}
+
+
+def read_metaimage(path: Path) -> Any:
+    """A 2-D MetaImage (``.mhd`` + raw data file, as FAST's MetaImageExporter writes) as (H, W[, C]).
+
+    Raises:
+        FplError: not a 2-D uncompressed MetaImage of a known element type.
+    """
+    import numpy as np
+
+    header: dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            header[key.strip()] = value.strip()
+    try:
+        width, height = (int(v) for v in header["DimSize"].split())
+        dtype = np.dtype(_MET_TYPES[header["ElementType"]])
+        channels = int(header.get("ElementNumberOfChannels", "1"))
+        raw = Path(path).with_name(header["ElementDataFile"])
+    except (KeyError, ValueError) as err:
+        raise FplError(f"{path}: not a 2-D MetaImage FAST writes ({err}); re-export it with MetaImageExporter") from err
+    if header.get("CompressedData", "False") == "True":
+        raise FplError(f"{path}: compressed MetaImage is not supported; export it uncompressed")
+    a = np.fromfile(raw, dtype=dtype)
+    if a.size != width * height * channels:
+        raise FplError(f"{raw}: {a.size} values for {width}x{height}x{channels}; the export is truncated")
+    return a.reshape(height, width, channels)[..., 0] if channels == 1 else a.reshape(height, width, channels)

@@ -435,10 +435,10 @@ def _run_locked(
     slide_path: Path, cfg: JobConfig, reg: Registry, entry: ModelEntry, dest: Path, rerun_reason: str | None
 ) -> JobResult:
     from bridge.geojson import ClassStyle, mask_to_feature_collection
+    from zoo.kinds import predict
     from zoo.labelmask import UNKNOWN_LABEL
     from zoo.outputs import current_umask, write_json, write_mask_tiff
     from zoo.pictures import render_overview, sample_mask
-    from zoo.kinds import predict
     from zoo.runner import OnnxModel, default_providers
     from zoo.slide import thumbnail
     from zoo.verify import select_engine
@@ -449,7 +449,8 @@ def _run_locked(
     gpu = cfg.run.device is not None or "CUDAExecutionProvider" in (cfg.run.providers or default_providers())
     engine = select_engine(entry, reg, cfg.engine, cfg.precision, gpu=gpu)
     stage_engines = {
-        name: engine if view is entry else select_engine(view, reg, cfg.engine, "auto", gpu=gpu) for name, view in networks
+        name: engine if view is entry else select_engine(view, reg, cfg.engine, "auto", gpu=gpu)
+        for name, view in networks
     }
     identity = slide_identity(slide_path)
     t0 = time.perf_counter()

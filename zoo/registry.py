@@ -164,14 +164,20 @@ class StageSource(_Strict):
 
     source: str = Field(description="'slide' or the name of an earlier stage")
     class_name: str | None = Field(None, description="for a stage source: which class's probability")
+    input_name: str | None = Field(
+        None,
+        description="the ONNX input it feeds (default: the stage's input.input_name); "
+        "sources of one input are concatenated",
+    )
 
 
 class StageSpec(_Strict):
     """A later stage of a cascade: its own network, input spec, pinned weights and bundled test.
 
-    Its inputs (``sources``) are concatenated along channels in order; the slide is resized to the
-    stage's ``input.patch_size_px`` (``mode: whole-slide``) and scaled by its ``input`` spec, a stage's
-    class probability is resized to the same size and fed as is (0-1).
+    Each source is resized to the stage's ``input.patch_size_px`` (``mode: whole-slide``): the slide as
+    RGB 0-255, an earlier stage's class probability as 0-1. As in FAST, every channel is then
+    ``(value * scale - mean) / std`` (``mean``/``std`` list the channels of all sources in order), and
+    sources feeding the same ONNX input (``input_name``) are concatenated along channels.
     """
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
@@ -181,6 +187,9 @@ class StageSpec(_Strict):
     output: OutputSpec
     weights: WeightsSpec
     test: TestSpec | None = None
+    precisions: dict[Precision, PrecisionSpec] | None = Field(
+        None, description="as the entry's precisions (default: the entry's fp32 only)"
+    )
 
 
 ModelKind = Literal["segmentation", "patch-classification", "cascade"]
@@ -242,7 +251,9 @@ class ModelEntry(_Strict):
             if self.input.mode != "tiled" or self.output.layout != "NC":
                 raise ValueError(f"{self.kind} needs input.mode 'tiled' and output.layout 'NC' (one vector per tile)")
         elif self.output.layout == "NC":
-            raise ValueError(f"output.layout 'NC' (one vector per tile) needs kind patch-classification, not {self.kind}")
+            raise ValueError(
+                f"output.layout 'NC' (one vector per tile) needs kind patch-classification, not {self.kind}"
+            )
         if self.selection.entropy_rails is not None and self.input.mode != "tiled":
             raise ValueError("entropy rails select tiles: they need input.mode 'tiled'")
         if self.kind == "cascade":
@@ -261,8 +272,10 @@ class ModelEntry(_Strict):
             if st.name in names:
                 raise ValueError(f"{where}: duplicate stage name")
             if st.input.mode != "whole-slide":
-                raise ValueError(f"{where}: a later stage takes the slide and maps resized to its input size; "
-                                 "set input.mode 'whole-slide'")
+                raise ValueError(
+                    f"{where}: a later stage takes the slide and maps resized to its input size; "
+                    "set input.mode 'whole-slide'"
+                )
             fed = 0
             for src in st.sources:
                 if src.source == "slide":
@@ -271,8 +284,10 @@ class ModelEntry(_Strict):
                     fed += 3
                 elif src.source in channels:
                     if src.class_name not in channels[src.source]:
-                        raise ValueError(f"{where}: stage {src.source!r} has no class {src.class_name!r}; "
-                                         f"use one of {channels[src.source]}")
+                        raise ValueError(
+                            f"{where}: stage {src.source!r} has no class {src.class_name!r}; "
+                            f"use one of {channels[src.source]}"
+                        )
                     fed += 1
                 else:
                     raise ValueError(f"{where}: source {src.source!r} is neither 'slide' nor an earlier stage {names}")
@@ -280,6 +295,8 @@ class ModelEntry(_Strict):
                 raise ValueError(f"{where}: its sources give {fed} channels but input.channels is {st.input.channels}")
             if len(st.input.mean) != st.input.channels:
                 raise ValueError(f"{where}: mean/std need {st.input.channels} values")
+            if st.precisions is not None and "fp32" not in st.precisions:
+                raise ValueError(f"{where}: precisions must include fp32")
             if st.output.layout == "NC":
                 raise ValueError(f"{where}: a later stage must output maps (NCHW/NHWC), not one vector")
             if st.output.activation == "softmax" and st.output.channels != len(self.classes):
@@ -292,16 +309,30 @@ class ModelEntry(_Strict):
         output, weights and test, so engines, verification and exports treat it as a single model."""
         out: list[tuple[str, ModelEntry]] = [(self.stage_name, self)]
         for st in self.stages:
+            # the view's input spec describes the ONNX input named input.input_name: its channels only
+            idx, k = [], 0
+            for src in st.sources:
+                n = 3 if src.source == "slide" else 1
+                if (src.input_name or st.input.input_name) == st.input.input_name:
+                    idx += list(range(k, k + n))
+                k += n
+            main_input = st.input.model_copy(
+                update={
+                    "channels": len(idx),
+                    "mean": tuple(st.input.mean[i] for i in idx),
+                    "std": tuple(st.input.std[i] for i in idx),
+                }
+            )
             view = self.model_copy(
                 update={
                     "kind": "segmentation",
                     "stage_name": st.name,
                     "stages": [],
-                    "input": st.input,
+                    "input": main_input,
                     "output": st.output,
                     "weights": st.weights,
                     "test": st.test,
-                    "precisions": {"fp32": self.precisions["fp32"]},
+                    "precisions": st.precisions or {"fp32": self.precisions["fp32"]},
                     "selection": SelectionSpec(tissue_premask=False),
                 }
             )

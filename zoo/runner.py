@@ -259,6 +259,7 @@ class OnnxModel:
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         out_name, in_name = spec_out.output_name, spec_in.input_name
         self._raw = lambda x: self.session.run([out_name], {in_name: x})[0]
+        self._feeds = lambda feeds: self.session.run([out_name], feeds)[0]
 
     def _init_openvino(self, path: Path, threads: int, precision: str) -> None:
         """Compile the ONNX file with OpenVINO on the CPU at ``precision`` (set explicitly, never left to default)."""
@@ -296,6 +297,7 @@ class OnnxModel:
         self.providers = [f"OpenVINO CPU {precision}"]
         self.fixed_batch = None
         self._raw = lambda x: request.infer({in_name: x})[out_port]
+        self._feeds = lambda feeds: request.infer(feeds)[out_port]
 
     def preprocess(self, tiles: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB to the network's input array."""
@@ -309,6 +311,14 @@ class OnnxModel:
         if spec.layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def raw(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        """The network's raw output for one input array, or for ``{input name: array}`` (several inputs)."""
+        return np.asarray(self._feeds(x) if isinstance(x, dict) else self._raw(x))
+
+    def predict_feeds(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """``{input name: array}`` to (N, C, H, W) float32 class probabilities (multi-input networks)."""
+        return to_probabilities(self._feeds(feeds), self.entry)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Network input batch to (N, C, H, W) float32 class probabilities."""

@@ -55,7 +55,7 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
     x, expected = (_load_test_array(entry, registry, f) for f in (entry.test.input, entry.test.expected))
     try:
         model = OnnxModel(path, entry, providers=["CPUExecutionProvider"], engine=engine, precision=precision)
-        got = np.asarray(model._raw(x))
+        got = model.raw(x)
     except ProviderError as err:
         return {**base, "ok": False, "skipped": str(err)}
     if got.shape != expected.shape:
@@ -192,9 +192,13 @@ def select_engine(
     raise ProviderError(f"{entry.id}: no allowed engine/precision can run here ({explain}); try --engine auto")
 
 
-def _load_test_array(entry: ModelEntry, registry: Registry, name: str) -> np.ndarray:
+def _load_test_array(entry: ModelEntry, registry: Registry, name: str) -> Any:
+    """A bundled test array (``.npy``), or ``{input name: array}`` (``.npz``, multi-input networks)."""
     path = registry.resolve(name)
     try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: np.asarray(z[k]) for k in z.files}
         return np.asarray(np.load(path, allow_pickle=False))
     except (OSError, ValueError) as err:
         what = "not found" if not path.exists() else "is a folder" if path.is_dir() else "not a .npy array"

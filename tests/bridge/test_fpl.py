@@ -118,3 +118,28 @@ def test_tissue_mask_gates_only_non_tissue_models() -> None:
 
 def _task(task: str) -> ModelEntry:
     return ModelEntry(**{**load_registry().get("tissue-multires").model_dump(), "task": task})
+
+
+def test_export_folder_of_a_cascade_copies_every_stage(tmp_path: Path) -> None:
+    reg = load_registry()
+    entry = reg.get("tumour-h2g")
+    written = export_fast_folder(entry, reg, tmp_path)
+    names = {p.relative_to(tmp_path).as_posix() for p in written}
+    assert {"models/tumour-h2g.onnx", "models/tumour-h2g-refine.onnx", "pipelines/tumour-h2g_export.fpl"} <= names
+    pipe = parse_fpl((tmp_path / "pipelines" / "tumour-h2g.fpl").read_text())
+    refine = pipe.block("refine", "ProcessObject")
+    # FAST orders a network's ports by input name: heatmap (0) before image (1)
+    assert refine.inputs == [(0, "heatmap", 0), (1, "lowRes", 0)]
+    assert refine.attribute("model") == '"$CURRENT_PATH$/../models/tumour-h2g-refine.onnx"'
+
+
+def test_cascade_fast_export_refuses_what_fast_cannot_feed() -> None:
+    from zoo.errors import FplError
+    from zoo.registry import ModelEntry
+
+    data = load_registry().get("tumour-h2g").model_dump(mode="json")
+    st = dict(data["stages"][0])
+    st["input"] = {**st["input"], "mean": [0.5, 0.5, 0.5, 0.5]}
+    data["stages"] = [st]
+    with pytest.raises(FplError, match=r"stage 'refine'.*scale-factor"):
+        check_exportable(ModelEntry.model_validate(data))

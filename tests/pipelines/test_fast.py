@@ -12,7 +12,7 @@ from PIL import Image
 
 from bridge.edits import dice
 from tests.conftest import REPO, run_zoo
-from zoo.fastrun import fast_available, run_fast_pipeline
+from zoo.fastrun import fast_available, read_metaimage, run_fast_pipeline
 from zoo.outputs import read_mask_tiff
 from zoo.registry import load_registry
 
@@ -22,9 +22,15 @@ pytestmark = [pytest.mark.fast, pytest.mark.skipif(REASON is not None, reason=RE
 #: Minimum Dice between FAST's mask and the runner's, per model. They differ by design in
 #: background pre-masks (FAST's TissueSegmentation vs ours) and resampling filters.
 MIN_DICE = 0.85
+#: Patch classifiers differ more: FAST stitches non-overlapping tiles only and has no entropy rails,
+#: zoo averages overlapping tiles; the cascade's refinement sees FAST's heatmap and lowest level.
+MIN_DICE_KIND = {"patch-classification": 0.5, "cascade": 0.7}
 
 
 def _read_fast_output(path: Path) -> np.ndarray:
+    if path.suffix == ".mhd":  # heatmap (float, tumour probability) or label image
+        a = read_metaimage(path)
+        return (a >= 0.5).astype(np.uint8) if a.dtype.kind == "f" else a.astype(np.uint8)
     if path.suffix in (".tif", ".tiff"):
         with tifffile.TiffFile(path) as tf:
             a = tf.pages[0].asarray()
@@ -37,7 +43,7 @@ def _read_fast_output(path: Path) -> np.ndarray:
 def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Path, tmp_path: Path) -> None:
     entry = load_registry().get(model)
     fpl = REPO / "pipelines" / f"{entry.name}_export.fpl"
-    suffix = ".tiff" if entry.input.mode == "tiled" else ".png"
+    suffix = ".mhd" if entry.kind != "segmentation" else ".tiff" if entry.input.mode == "tiled" else ".png"
     fast_out = tmp_path / f"fast{suffix}"
     seconds = run_fast_pipeline(fpl, {"wsi": str(cmu_slide), "output": str(fast_out)})
     assert fast_out.exists(), f"FAST wrote no output in {seconds:.1f} s"
@@ -50,4 +56,4 @@ def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Pat
     d = dice(fast_resized > 0, ours > 0)
     run = json.loads((tmp_path / "z" / cmu_slide.stem / "run.json").read_text())
     print(f"{entry.id}: Dice(FAST, zoo) = {d:.4f}; FAST {seconds:.1f} s, zoo {run['seconds']:.1f} s")
-    assert d >= MIN_DICE
+    assert d >= MIN_DICE_KIND.get(entry.kind, MIN_DICE)

@@ -27,7 +27,9 @@ from zoo.slide import Slide, thumbnail
 
 def _resize(plane: np.ndarray, width: int, height: int) -> np.ndarray:
     """Bilinear resize of one float32 (H, W) plane."""
-    return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    return np.asarray(
+        Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    )
 
 
 def _class_planes(prob: np.ndarray, entry: ModelEntry) -> dict[str, np.ndarray]:
@@ -44,8 +46,8 @@ def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts:
     grid = classify_tiles(slide, entry, models[entry.stage_name], opts)
     first = grid_prediction(grid, entry, opts)
     first.mask.close()
-    for h in first.probabilities.values():
-        h.close()
+    for heat in first.probabilities.values():
+        heat.close()
     planes: dict[str, dict[str, np.ndarray]] = {entry.stage_name: _class_planes(grid.prob, entry)}
     stage_stats: dict[str, Any] = {entry.stage_name: {"seconds": grid.stats["seconds_total"], **grid.stats}}
     low: np.ndarray | None = None
@@ -55,7 +57,7 @@ def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts:
         ts = time.perf_counter()
         model = models[st.name]
         w, h = st.input.patch_size_px
-        chans = []
+        channels: list[tuple[str, np.ndarray]] = []  # (ONNX input, (C, h, w) values before scaling)
         for src in st.sources:
             if src.source == "slide":
                 if low is None:
@@ -63,17 +65,29 @@ def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts:
                 small = np.asarray(Image.fromarray(low).resize((w, h), Image.Resampling.BILINEAR), np.float32)
                 if st.input.channel_order == "BGR":
                     small = small[..., ::-1]
-                chans.append(small.transpose(2, 0, 1) * st.input.scale)
+                value = small.transpose(2, 0, 1)
             else:
-                chans.append(_resize(planes[src.source][src.class_name or ""], w, h)[None])
+                value = _resize(planes[src.source][src.class_name or ""], w, h)[None]
+            channels.append((src.input_name or st.input.input_name, value))
+        stacked = np.concatenate([v for _, v in channels], 0)
         mean = np.asarray(st.input.mean, np.float32)[:, None, None]
         std = np.asarray(st.input.std, np.float32)[:, None, None]
-        x = ((np.concatenate(chans, 0) - mean) / std)[None].astype(np.float32)
-        if st.input.layout == "NHWC":
-            x = x.transpose(0, 2, 3, 1)
-        prob = model.predict(np.ascontiguousarray(x))[0]
+        scaled = (stacked * st.input.scale - mean) / std
+        feeds: dict[str, list[np.ndarray]] = {}
+        k = 0
+        for name, v in channels:
+            feeds.setdefault(name, []).append(scaled[k : k + v.shape[0]])
+            k += v.shape[0]
+        arrays = {}
+        for name, parts in feeds.items():
+            x = np.concatenate(parts, 0)[None].astype(np.float32)
+            arrays[name] = np.ascontiguousarray(x.transpose(0, 2, 3, 1) if st.input.layout == "NHWC" else x)
+        prob = model.predict_feeds(arrays)[0]
         planes[st.name] = _class_planes(prob, views[st.name])
-        stage_stats[st.name] = {"seconds": round(time.perf_counter() - ts, 3), "input_shape": list(x.shape)}
+        stage_stats[st.name] = {
+            "seconds": round(time.perf_counter() - ts, 3),
+            "inputs": {n: list(a.shape) for n, a in arrays.items()},
+        }
     # last stage back to the slide's aspect, longest side = its output size
     w0, h0 = slide.dimensions
     side = max(prob.shape[1:])

@@ -69,7 +69,9 @@ class TileGrid:
 def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunOptions) -> TileGrid:
     """Sift and classify the tiles of ``slide`` with ``model``; see the module docstring."""
     t0 = time.perf_counter()
-    premask_opts = RunOptions(**{**opts.__dict__, "skip_background": opts.skip_background and entry.selection.tissue_premask})
+    premask_opts = RunOptions(
+        **{**opts.__dict__, "skip_background": opts.skip_background and entry.selection.tissue_premask}
+    )
     plan = plan_tiles(slide, entry, premask_opts)
     pw, ph = entry.input.patch_size_px
     sx, sy = plan.stride_px
@@ -96,8 +98,10 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
         infer_s += time.perf_counter() - ti
         for (j, i, _), p in zip(pending, probs, strict=True):
             x, y = plan.xs[i], plan.ys[j]
-            c0, c1 = x // sx, min(cols, math.ceil((x + pw) / sx))
-            r0, r1 = y // sy, min(rows, math.ceil((y + ph) / sy))
+            # the cells whose centres lie inside the tile (exact for tiles on the stride grid and
+            # for the last tile of a row/column, which is flush with the slide's edge)
+            c0, c1 = max(0, math.ceil(x / sx - 0.5)), min(cols, math.ceil((x + pw) / sx - 0.5))
+            r0, r1 = max(0, math.ceil(y / sy - 0.5)), min(rows, math.ceil((y + ph) / sy - 0.5))
             acc[:, r0:r1, c0:c1] += p.reshape(n_cls, 1, 1)
             cnt[r0:r1, c0:c1] += 1
         n_run += len(pending)

@@ -63,7 +63,9 @@ def colour(x: torch.Tensor, gen: torch.Generator, shift: float = 20.0, brightnes
     d = (torch.rand(n, 3, generator=gen, device=dev) * 2 - 1) * shift
     d = d / torch.tensor([360.0, 255.0, 255.0], device=dev)
     d = d * _coin(n, gen, dev)[:, None]
-    hsv = torch.stack([(hsv[:, 0] + d[:, 0, None, None]) % 1.0, hsv[:, 1] + d[:, 1, None, None], hsv[:, 2] + d[:, 2, None, None]], 1)
+    hsv = torch.stack(
+        [(hsv[:, 0] + d[:, 0, None, None]) % 1.0, hsv[:, 1] + d[:, 1, None, None], hsv[:, 2] + d[:, 2, None, None]], 1
+    )
     x = hsv_to_rgb(hsv.clamp(0, 1))
     f = 1 + (torch.rand(n, generator=gen, device=dev) * 2 - 1) * brightness
     f = torch.where(_coin(n, gen, dev), f, torch.ones_like(f))

@@ -11,14 +11,16 @@ from torch import nn
 
 def export_onnx(
     model: nn.Module,
-    chw: tuple[int, int, int],
+    chw: tuple[int, int, int] | list[tuple[int, int, int]],
     onnx_path: Path,
-    input_name: str,
+    input_name: str | list[str],
     output_name: str,
     tol: float = 1e-4,
     dynamic_hw: bool = False,
 ) -> float:
     """Export ``model`` (eval mode, outputs probabilities) with a dynamic batch axis; return max |torch - ORT|.
+
+    Several inputs: ``chw`` and ``input_name`` are lists, one per input, in ``forward``'s order.
 
     Raises:
         ValueError: ONNX Runtime and torch disagree by more than ``tol`` (nothing is written).
@@ -26,7 +28,10 @@ def export_onnx(
     import onnxruntime as ort
 
     model = model.eval()
-    x = torch.rand(2, *chw, generator=torch.Generator().manual_seed(0))
+    shapes = chw if isinstance(chw, list) else [chw]
+    names = input_name if isinstance(input_name, list) else [input_name]
+    gen = torch.Generator().manual_seed(0)
+    xs = tuple(torch.rand(2, *s, generator=gen) for s in shapes)
     axes: dict[int, str] = {0: "batch"}
     if dynamic_hw:
         axes.update({2: "height", 3: "width"})
@@ -34,18 +39,18 @@ def export_onnx(
     tmp = onnx_path.with_suffix(".tmp.onnx")
     torch.onnx.export(
         model,
-        (x,),
+        xs,
         str(tmp),
-        input_names=[input_name],
+        input_names=names,
         output_names=[output_name],
-        dynamic_axes={input_name: axes, output_name: dict(axes)},
+        dynamic_axes={**{n: dict(axes) for n in names}, output_name: dict(axes)},
         opset_version=17,
         dynamo=False,
     )
     with torch.no_grad():
-        ref = model(x).numpy()
+        ref = model(*xs).numpy()
     sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {input_name: x.numpy()})[0]
+    got = sess.run(None, {n: x.numpy() for n, x in zip(names, xs, strict=True)})[0]
     err = float(np.abs(ref - got).max())
     if err > tol:
         tmp.unlink()

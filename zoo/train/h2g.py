@@ -62,7 +62,15 @@ class InvertedResidual(nn.Module):
 
 
 # (expansion t, channels c, repeats n, first stride s), Sandler et al. Table 2
-_MOBILENET_V2 = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+_MOBILENET_V2 = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
 class PatchClassifier(nn.Module):
@@ -79,7 +87,11 @@ class PatchClassifier(nn.Module):
         layers.append(_cbr(cin, 1280, 1))
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            nn.Linear(1280, hidden), nn.Dropout(0.5), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Linear(hidden, classes)
+            nn.Linear(1280, hidden),
+            nn.Dropout(0.5),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(hidden),
+            nn.Linear(hidden, classes),
         )
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +174,12 @@ def train_classifier(
     amp = dev.type == "cuda"
     for step in range(1, steps + 1):
         half = batch // 2
-        idx = torch.cat([p[torch.randint(0, len(p), (n,), generator=gen, device=dev)] for p, n in zip(pools, (half, batch - half), strict=True)])
+        idx = torch.cat(
+            [
+                p[torch.randint(0, len(p), (n,), generator=gen, device=dev)]
+                for p, n in zip(pools, (half, batch - half), strict=True)
+            ]
+        )
         x = images[idx].float() / 255.0
         x = augment.geometric(x, gen)
         if colour_aug:
@@ -252,8 +269,13 @@ def train_refinement(
     return log
 
 
-def train(pack: Path, out: Path, steps1: int, steps2: int, batch1: int, batch2: int, seed: int) -> dict[str, object]:
-    """Train both stages from a pack (keys ``stage1``, ``stage2``, ``glass``); save state dicts and train.json."""
+def train(
+    pack: Path, out: Path, steps1: int, steps2: int, batch1: int, batch2: int, seed: int, refine_px: int = REFINE_PX
+) -> dict[str, object]:
+    """Train both stages from a pack (keys ``stage1``, ``stage2``, ``glass``); save state dicts and train.json.
+
+    ``refine_px``: side of the stage-2 composites (1024 as the paper; smaller only to test the code).
+    """
     dev = _device()
     t0 = time.perf_counter()
     s1, s2, gl = load_pack(pack, "stage1"), load_pack(pack, "stage2"), load_pack(pack, "glass")
@@ -268,7 +290,7 @@ def train(pack: Path, out: Path, steps1: int, steps2: int, batch1: int, batch2: 
     y2 = torch.from_numpy(s2.labels).to(dev)
     g = _to_tensor(gl.decode(), dev)
     prob2 = predict_tumour(clf, x2)
-    source = CompositeSource(x2[y2 == 1], x2[y2 == 0], g, prob2[y2 == 1], prob2[y2 == 0])
+    source = CompositeSource(x2[y2 == 1], x2[y2 == 0], g, prob2[y2 == 1], prob2[y2 == 0], out_px=refine_px)
     unet = RefinementUNet().to(dev)
     log2 = train_refinement(unet, source, steps2, batch2, 1e-3, seed + 1)
     t2 = time.perf_counter()
@@ -296,6 +318,19 @@ def train(pack: Path, out: Path, steps1: int, steps2: int, batch1: int, batch2: 
     return summary
 
 
+class RefineTwoInputs(nn.Module):
+    """The refinement U-Net with H2G-Net's two inputs, as FAST feeds them: ``image`` (N, 3, H, W) and
+    ``heatmap`` (N, 1, H, W), both already multiplied by FAST's scale-factor 1/255 (so the heatmap,
+    a 0-1 probability, arrives divided by 255 and is multiplied back here)."""
+
+    def __init__(self, unet: RefinementUNet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, image: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
+        return self.unet(torch.cat([image, heatmap * 255.0], 1))
+
+
 def export(state_dir: Path, out_dir: Path, tol: float = 1e-4) -> dict[str, float]:
     """Export ``patches.onnx`` and ``refine.onnx`` (dynamic batch, probabilities out); return max |torch - ORT|."""
     from zoo.train.export import export_onnx
@@ -305,7 +340,10 @@ def export(state_dir: Path, out_dir: Path, tol: float = 1e-4) -> dict[str, float
     unet.load_state_dict(torch.load(state_dir / "refine.pt", map_location="cpu"))
     return {
         "patches": export_onnx(clf.eval(), (3, 96, 96), out_dir / "patches.onnx", "image", "probabilities", tol),
-        "refine": export_onnx(unet.eval(), (4, 256, 256), out_dir / "refine.onnx", "image_heatmap", "probabilities", tol, dynamic_hw=True),
+        "refine": export_onnx(
+            RefineTwoInputs(unet).eval(), [(3, REFINE_PX, REFINE_PX), (1, REFINE_PX, REFINE_PX)],
+            out_dir / "refine.onnx", ["image", "heatmap"], "probabilities", tol,
+        ),
     }  # fmt: skip
 
 

@@ -95,7 +95,7 @@ def save_pack(path: Path, sets: dict[str, JpegSet], extra: dict[str, np.ndarray]
         arrays[f"{key}_offsets"] = np.concatenate([[0], np.cumsum(sizes)])
         arrays[f"{key}_labels"] = s.labels
         arrays[f"{key}_names"] = np.array(s.names)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
 
 
 def load_pack(path: Path, key: str) -> JpegSet:
@@ -106,18 +106,8 @@ def load_pack(path: Path, key: str) -> JpegSet:
 
 
 def image_entropy(rgb: np.ndarray) -> np.ndarray:
-    """Shannon entropy in bits of the 8-bit grey-level histogram, per image ((N,) from (N, H, W, 3) uint8).
+    """Grey-level entropy in bits per image, exactly as the runner's entropy rails compute it."""
+    from zoo.kinds.patch_classification import grey_entropy_bits
 
-    Grey is ITU-R 601 luma, as seed 001 computes "image entropy" on greyscale tiles.
-    """
     x = np.asarray(rgb)
-    if x.ndim == 3:
-        x = x[None]
-    grey = np.clip(np.rint(x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114), 0, 255).astype(np.int64)
-    n = grey.shape[0]
-    flat = grey.reshape(n, -1) + (np.arange(n)[:, None] * 256)
-    hist = np.bincount(flat.ravel(), minlength=256 * n).reshape(n, 256).astype(np.float64)
-    p = hist / hist.sum(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(p > 0, p * np.log2(p), 0.0).sum(axis=1)
-    return h
+    return grey_entropy_bits(x[None] if x.ndim == 3 else x)

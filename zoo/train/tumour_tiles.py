@@ -42,7 +42,9 @@ class TileCNN(nn.Module):
             *stage(3, 32), *stage(32, 64), nn.Dropout(0.25), *stage(64, 128), nn.Dropout(0.25), nn.Flatten()
         )
         side = patch_px // 8
-        self.head = nn.Sequential(nn.Linear(128 * side * side, 64), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(64, classes))
+        self.head = nn.Sequential(
+            nn.Linear(128 * side * side, 64), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(64, classes)
+        )
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
