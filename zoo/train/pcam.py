@@ -95,7 +95,7 @@ def save_pack(path: Path, sets: dict[str, JpegSet], extra: dict[str, np.ndarray]
         arrays[f"{key}_offsets"] = np.concatenate([[0], np.cumsum(sizes)])
         arrays[f"{key}_labels"] = s.labels
         arrays[f"{key}_names"] = np.array(s.names)
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
 
 
 def load_pack(path: Path, key: str) -> JpegSet:

@@ -1,0 +1,267 @@
+"""Four-class composite slides and the shared training loop of the multi-class U-Nets (seeds 002, 003).
+
+Classes: 0 Background (glass), 1 Tissue (PCam non-tumour), 2 Tumour (PCam tumour), 3 Exclude (pen
+marks and coverslip edges). No expert pixel masks with these papers' classes exist here, so slides
+are composites of real labelled material with exact masks: a :func:`zoo.train.composites.layout`
+mosaic of 96 px PatchCamelyon patches (~0.97 um/px; tumour blobs span several 256 px tiles, so
+context matters), real glass, and "Exclude" strokes cut from the HistoQC pen-mark and coverslip
+crops exactly where their artefact masks are set, upscaled 8-20x to slide scale. Seams between
+tissue and tumour cells (3 px each side) are ignored in the loss (label 255): a PCam label describes
+its patch's centre. Seed 003's Necrosis class has no data here and is left out.
+
+Training (seed 003): softmax cross-entropy with median-frequency class weights (Eigen & Fergus) and
+zero weight on ignored pixels, SGD with momentum 0.9; strong stain augmentation
+(:mod:`zoo.train.stains`: HED jitter, recolouring to H-DAB) plus flips and 90-degree rotations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.train import composites, stains
+from zoo.train.pcam import PATCH_PX, load_pack
+
+CLASSES = ("Background", "Tissue", "Tumour", "Exclude")
+IGNORE = 255
+ARTEFACTS = (
+    "models_pen_markings_he_pen_green",
+    "models_pen_markings_he_pen_red",
+    "models_coverslip_edge_he_coverslip_edge",
+)
+
+
+def artefact_arrays(images_dir: Path) -> dict[str, np.ndarray]:
+    """The HistoQC crops and their masks as arrays for a pack (``<name>_rgb``, ``<name>_mask``)."""
+    from PIL import Image
+
+    out = {}
+    for n in ARTEFACTS:
+        out[f"{n}_rgb"] = np.asarray(Image.open(images_dir / f"{n}.png").convert("RGB"))
+        out[f"{n}_mask"] = np.asarray(Image.open(images_dir / f"{n}_mask.png")).astype(bool)
+    return out
+
+
+class CanvasSource:
+    """Random four-class composite canvases on one device."""
+
+    def __init__(
+        self,
+        tumour: torch.Tensor,
+        normal: torch.Tensor,
+        glass: torch.Tensor,
+        artefacts: list[tuple[torch.Tensor, torch.Tensor]],
+        grid: tuple[int, int] = (24, 40),
+    ) -> None:
+        self.tumour, self.normal, self.glass, self.artefacts, self.grid = tumour, normal, glass, artefacts, grid
+
+    def canvas(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, S, S) RGB in [0, 1] and (S, S) uint8 labels (255 = ignored), S = grid x 96 px."""
+        dev = self.tumour.device
+        g = int(torch.randint(self.grid[0], self.grid[1] + 1, (1,), generator=gen, device=dev))
+        comp = composites.layout(g, len(self.tumour), len(self.normal), len(self.glass), gen, dev, (0.1, 0.6))
+        s = g * PATCH_PX
+        img = composites.render(comp, self.tumour, self.normal, self.glass, s)
+        code = {composites.GLASS: 0, 0: 1, 1: 2}
+        cells = torch.zeros_like(comp.cells, dtype=torch.uint8)
+        for k, v in code.items():
+            cells[comp.cells == k] = v
+        label = composites.cell_map(cells, s, mode="nearest").to(torch.uint8)
+        # ignore tissue/tumour seams (3 px each side)
+        tissue = (label == 1) | (label == 2)
+        lab_f = label.float()[None, None]
+        hi = F.max_pool2d(lab_f, 7, 1, 3)[0, 0]
+        lo = -F.max_pool2d(-lab_f, 7, 1, 3)[0, 0]
+        label[tissue & (hi != lo) & (hi <= 2) & (lo >= 1)] = IGNORE
+        n_art = int(torch.randint(0, 3, (1,), generator=gen, device=dev))
+        for _ in range(n_art):
+            self._paste_artefact(img, label, gen)
+        return img, label
+
+    def _paste_artefact(self, img: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> None:
+        dev = img.device
+        src_rgb, src_mask = self.artefacts[int(torch.randint(0, len(self.artefacts), (1,), generator=gen, device=dev))]
+        ys, xs = torch.nonzero(src_mask, as_tuple=True)
+        k = int(torch.randint(0, len(ys), (1,), generator=gen, device=dev))
+        w = int(torch.randint(24, 64, (1,), generator=gen, device=dev))
+        h0, w0 = src_mask.shape
+        y0 = max(0, min(h0 - w, int(ys[k]) - w // 2))
+        x0 = max(0, min(w0 - w, int(xs[k]) - w // 2))
+        f = float(torch.empty(1, device=dev).uniform_(8.0, 20.0, generator=gen))
+        side = min(int(w * f), img.shape[-1])
+        crop = F.interpolate(src_rgb[None, :, y0 : y0 + w, x0 : x0 + w].float() / 255.0, size=(side, side), mode="bilinear")[0]
+        mask = F.interpolate(src_mask[None, None, y0 : y0 + w, x0 : x0 + w].float(), size=(side, side), mode="nearest")[0, 0] > 0.5
+        s = img.shape[-1]
+        py = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
+        px = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
+        region = img[:, py : py + side, px : px + side]
+        region[:, mask] = crop[:, mask]
+        label[py : py + side, px : px + side][mask] = 3
+
+
+def crops(
+    img: torch.Tensor, label: torch.Tensor, n: int, size: int, gen: torch.Generator, context: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``n`` random (size x size) crops with labels, and with ``context`` > 1 the centred context tiles
+    (size x size at ``context`` times coarser, area-averaged, white outside the canvas)."""
+    s = img.shape[-1]
+    dev = img.device
+    ys = torch.randint(0, s - size + 1, (n,), generator=gen, device=dev).tolist()
+    xs = torch.randint(0, s - size + 1, (n,), generator=gen, device=dev).tolist()
+    x = torch.stack([img[:, y : y + size, xx : xx + size] for y, xx in zip(ys, xs, strict=True)])
+    t = torch.stack([label[y : y + size, xx : xx + size] for y, xx in zip(ys, xs, strict=True)]).long()
+    ctx = None
+    if context > 1:
+        big = size * context
+        pad = (big - size) // 2
+        padded = F.pad(img[None], (pad, pad, pad, pad), value=1.0)[0]
+        ctx = torch.stack(
+            [F.avg_pool2d(padded[None, :, y : y + big, xx : xx + big], context)[0] for y, xx in zip(ys, xs, strict=True)]
+        )
+    return x, t, ctx
+
+
+def median_frequency_weights(labels: torch.Tensor, n_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Eigen & Fergus: weight_c = median(freq) / freq_c, freq over the labelled pixels (255 ignored)."""
+    counts = torch.bincount(labels[labels != IGNORE].flatten(), minlength=n_classes).float()
+    freq = counts / counts.sum().clamp_min(1)
+    present = freq > 0
+    w = torch.zeros(n_classes, device=labels.device)
+    w[present] = freq[present].median() / freq[present]
+    return w
+
+
+def load_sources(pack: Path, device: torch.device) -> CanvasSource:
+    """Pools from a pack written by ``python -m zoo.train.multiclass_data``."""
+    from zoo.train.h2g import _to_tensor
+
+    s1, gl = load_pack(pack, "stage1"), load_pack(pack, "glass")
+    x = _to_tensor(s1.decode(), device)
+    y = torch.from_numpy(s1.labels).to(device)
+    g = _to_tensor(gl.decode(), device)
+    arts = []
+    with np.load(pack) as z:
+        for n in ARTEFACTS:
+            rgb = torch.from_numpy(z[f"{n}_rgb"].transpose(2, 0, 1).copy()).to(device)
+            arts.append((rgb, torch.from_numpy(z[f"{n}_mask"]).to(device)))
+    return CanvasSource(x[y == 1], x[y == 0], g, arts)
+
+
+def train_segmenter(
+    net: nn.Module,
+    source: CanvasSource,
+    steps: int,
+    batch: int,
+    size: int,
+    seed: int,
+    context: int = 0,
+    lr: float = 0.01,
+    stain_aug: bool = True,
+    log_every: int = 100,
+) -> dict[str, object]:
+    """SGD (momentum 0.9) on weighted cross-entropy; a fresh canvas every 4 steps; returns a summary."""
+    dev = source.tumour.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    torch.manual_seed(seed)
+    # class weights from 8 canvases drawn with the same generator settings
+    wgen = torch.Generator(device=dev).manual_seed(seed + 1000)
+    weights = median_frequency_weights(torch.cat([source.canvas(wgen)[1].flatten() for _ in range(8)]))
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    net.train()
+    amp = dev.type == "cuda"
+    log, running, t0 = [], 0.0, time.perf_counter()
+    img = label = None
+    for step in range(1, steps + 1):
+        if img is None or step % 4 == 1:
+            img, label = source.canvas(gen)
+        x, t, ctx = crops(img, label, batch, size, gen, context)
+        if stain_aug:  # same stain draw for a tile and its context
+            both = x if ctx is None else torch.cat([x, ctx], 0)
+            both = stains.train_stain_augment(both, gen)
+            x, ctx = (both, None) if ctx is None else (both[:batch], both[batch:])
+        k = int(torch.randint(0, 4, (1,), generator=gen, device=dev))
+        flip = bool(torch.randint(0, 2, (1,), generator=gen, device=dev))
+        def geo(a: torch.Tensor) -> torch.Tensor:
+            a = torch.rot90(a, k, dims=(-2, -1))
+            return a.flip(-1) if flip else a
+        x, t = geo(x), geo(t)
+        if ctx is not None:
+            ctx = geo(ctx)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = (net.logits(x) if ctx is None else net.logits(x, ctx)).float()  # type: ignore[operator]
+        loss = F.cross_entropy(logits, t, weight=weights, ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if step % log_every == 0 or step == steps:
+            log.append({"step": step, "loss": round(running / (log_every if step % log_every == 0 else step % log_every), 4)})
+            running = 0.0
+    net.eval()
+    return {
+        "steps": steps,
+        "batch": batch,
+        "tile_px": size,
+        "context_factor": context or None,
+        "optimiser": f"SGD momentum 0.9, lr {lr} cosine",
+        "class_weights_median_frequency": [round(float(w), 4) for w in weights],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "loss_log": log,
+    }
+
+
+@torch.no_grad()
+def predict_canvas(
+    predict: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    img: torch.Tensor,
+    size: int,
+    overlap: float = 0.25,
+    context: int = 0,
+    batch: int = 8,
+) -> torch.Tensor:
+    """Tiled prediction of a canvas ((3, S, S)) with overlap averaging -> (C, S, S) probabilities."""
+    s = img.shape[-1]
+    stride = max(1, int(size * (1 - overlap)))
+    pos = list(range(0, s - size + 1, stride))
+    if pos[-1] != s - size:
+        pos.append(s - size)
+    acc = cnt = None
+    tiles = [(y, x) for y in pos for x in pos]
+    big = size * max(context, 1)
+    pad = (big - size) // 2
+    padded = F.pad(img[None], (pad, pad, pad, pad), value=1.0)[0] if context > 1 else None
+    for i in range(0, len(tiles), batch):
+        b = tiles[i : i + batch]
+        x = torch.stack([img[:, y : y + size, xx : xx + size] for y, xx in b])
+        ctx = None
+        if padded is not None:
+            ctx = torch.stack([F.avg_pool2d(padded[None, :, y : y + big, xx : xx + big], context)[0] for y, xx in b])
+        p = predict(x, ctx)
+        if acc is None:
+            acc = torch.zeros(p.shape[1], s, s, device=img.device)
+            cnt = torch.zeros(s, s, device=img.device)
+        for (y, xx), pp in zip(b, p, strict=True):
+            acc[:, y : y + size, xx : xx + size] += pp
+            cnt[y : y + size, xx : xx + size] += 1  # type: ignore[index]
+    assert acc is not None and cnt is not None
+    return acc / cnt.clamp_min(1)
+
+
+def per_class_dice(pred: torch.Tensor, label: torch.Tensor, n_classes: int = len(CLASSES)) -> list[float | None]:
+    """Dice per class over labelled pixels (None where the class is absent from both)."""
+    keep = label != IGNORE
+    out: list[float | None] = []
+    for c in range(n_classes):
+        a, b = (pred == c) & keep, (label == c) & keep
+        s = int(a.sum()) + int(b.sum())
+        out.append(None if s == 0 else 2 * int((a & b).sum()) / s)
+    return out
+

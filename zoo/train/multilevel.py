@@ -1,0 +1,122 @@
+"""Multi-level U-Net (seed 002): a high-resolution tile and a centred low-resolution context tile.
+
+Two U-Net branches (the quarter-width U-Net of :mod:`zoo.train.cd_unet`): ``image`` is a 256 px tile
+at ~1 um/px, ``context`` a 256 px tile at 4x coarser resolution centred on the same point (so it sees
+16x the area). Seed 002's pixel-aligned merge: the context branch's feature maps are cropped to the
+region that corresponds to the high-resolution field of view (the central quarter), upsampled to
+the high-resolution grid and concatenated, compressed by 1x1 convolutions, (a) into the
+high-resolution branch's second-last encoder block and (b) beside its last decoder output before the
+softmax head (seed 002 Figs. 9-10). The single-level baseline is the same high-resolution U-Net
+without the context branch (``CDUNet(colour_deconvolution=False)`` trained on the same tiles).
+
+``python -m zoo.train.multilevel train --pack PACK --out DIR`` trains both (GPU when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.train.cd_unet import CDUNet, UNet
+from zoo.train.h2g import _device, count_parameters
+from zoo.train.multiclass import CLASSES, load_sources, train_segmenter
+
+CONTEXT_FACTOR = 4
+
+
+def centre_crop_up(feat: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Tensor:
+    """The central 1/``factor`` of ``feat`` (the high-resolution field of view), bilinearly resized to ``size``."""
+    h, w = feat.shape[-2:]
+    ch, cw = h // factor, w // factor
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return F.interpolate(feat[..., y0 : y0 + ch, x0 : x0 + cw], size=size, mode="bilinear", align_corners=False)
+
+
+def _compress(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class MultiLevelUNet(nn.Module):
+    """(image, context): each (N, 3, 256, 256) RGB in [0, 1] -> (N, classes, 256, 256) probabilities."""
+
+    def __init__(self, classes: int = len(CLASSES), base: int = 16, factor: int = CONTEXT_FACTOR) -> None:
+        super().__init__()
+        self.factor = factor
+        self.high, self.context = UNet(3, base), UNet(3, base)
+        w = self.high.widths
+        self.merge_mid = nn.Sequential(_compress(2 * w[3], w[3]), _compress(w[3], w[3]))
+        self.merge_out = nn.Sequential(_compress(2 * w[0], w[0]), _compress(w[0], w[0]))
+        self.head = nn.Conv2d(w[0], classes, 1)
+
+    def logits(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        hs, cs = self.high.encode(image), self.context.encode(context)
+        mid = centre_crop_up(cs[3], self.factor, hs[3].shape[-2:])
+        hs[3] = self.merge_mid(torch.cat([hs[3], mid], 1))
+        hf = self.high.decode(hs)
+        cf = centre_crop_up(self.context.decode(cs), self.factor, hf.shape[-2:])
+        return self.head(self.merge_out(torch.cat([hf, cf], 1)))
+
+    def forward(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(image, context), dim=1)
+
+
+def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 256) -> dict[str, object]:
+    dev = _device()
+    source = load_sources(pack, dev)
+    summary: dict[str, object] = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
+    out.mkdir(parents=True, exist_ok=True)
+    models: list[tuple[str, nn.Module, int]] = [
+        ("multilevel-unet", MultiLevelUNet(), CONTEXT_FACTOR),
+        ("single-level-unet", CDUNet(colour_deconvolution=False), 0),
+    ]
+    for name, net, ctx in models:
+        net = net.to(dev)
+        s = train_segmenter(net, source, steps, batch, size, seed, context=ctx)
+        s["parameters"] = count_parameters(net)
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / f"{name}.pt")
+        summary[name] = s
+        (out / "train.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
+    from zoo.train.export import export_onnx
+
+    net = MultiLevelUNet()
+    net.load_state_dict(torch.load(state_dir / "multilevel-unet.pt", map_location="cpu"))
+    shape = (3, 256, 256)
+    return {
+        "multilevel-unet": export_onnx(
+            net.eval(), [shape, shape], out_dir / "multilevel-unet.onnx", ["image", "context"], "probabilities"
+        )
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zoo.train.multilevel", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the multi-level and the single-level U-Net from a pack")
+    t.add_argument("--pack", type=Path, required=True, help="pack .npz (python -m zoo.train.multiclass_data)")
+    t.add_argument("--out", type=Path, required=True, help="folder for the state dicts and train.json")
+    t.add_argument("--steps", type=int, default=1500, help="SGD steps per model")
+    t.add_argument("--batch", type=int, default=16, help="256 px tiles per step")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    e = sub.add_parser("export", help="export multilevel-unet.onnx")
+    e.add_argument("--state", type=Path, required=True, help="folder with multilevel-unet.pt")
+    e.add_argument("--out", type=Path, required=True, help="output folder")
+    a = ap.parse_args(argv)
+    if a.cmd == "train":
+        s = train(a.pack, a.out, a.steps, a.batch, a.seed)
+        print(json.dumps({k: v["seconds"] for k, v in s.items() if isinstance(v, dict)}))
+    else:
+        print(json.dumps(export(a.state, a.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
