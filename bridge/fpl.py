@@ -174,7 +174,13 @@ def check_exportable(entry: ModelEntry) -> None:
         )
     if entry.output.activation == "none":
         raise FplError(f"{entry.id}: FAST needs probabilities; export the model with its sigmoid/softmax")
-    if entry.kind != "segmentation":
+    if entry.context_inputs:
+        raise FplError(
+            f"{entry.id}: FAST cannot feed a tile together with a centred context tile at another resolution "
+            "(each PatchGenerator streams its own patches, and NeuralNetwork does not pair two streams by "
+            "position); run it with `zoo run`"
+        )
+    if entry.kind not in ("segmentation", "multi-input"):
         check_exportable_stages(entry)
 
 
@@ -339,7 +345,7 @@ def render_pipeline(
     or the last stage's label image (``.mhd``) in the ``export`` variant.
     """
     check_exportable(entry)
-    if entry.kind != "segmentation":
+    if entry.kind in ("patch-classification", "cascade"):
         return _render_patchwise(entry, variant, engine, _stage_model_paths(entry, model_path))
     assert not isinstance(model_path, dict)
     spec, out = entry.input, entry.output

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import GeoJSONError, OutputError, ZooError
+from zoo.errors import FplError, GeoJSONError, OutputError, ZooError
 
 EPILOG = "Models: `zoo list`. Results of `zoo run` go to OUT/<slide name>/ (mask.tiff, annotations.geojson, run.json)."
 
@@ -845,7 +845,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         folder = Path(args.dir) if args.dir else reg.root / "pipelines"
         folder.mkdir(parents=True, exist_ok=True)
         for entry in reg.models:
-            for name, text in repo_pipeline_files(entry).items():
+            try:
+                files = repo_pipeline_files(entry)
+            except FplError as err:  # FAST cannot run it: say why, keep going
+                print(f"skipped {entry.id}: {err}", file=sys.stderr)
+                continue
+            for name, text in files.items():
                 (folder / name).write_text(text, encoding="utf-8")
                 print(folder / name)
         return 0

@@ -475,7 +475,8 @@ def _run_locked(
     mpp0 = choice.mpp0 if choice else (slide_info["mpp"] or cfg.run.slide_mpp)
     mpp_source = choice.mpp_source if choice else ("file" if slide_info["mpp"] else "--slide-mpp")
     mpp0_assumed = mpp_source in ("assumed default", "objective power")
-    classes = [ClassStyle(c.index, c.name, tuple(c.color)) for c in entry.classes]  # type: ignore[arg-type]
+    # QuPath classification per class (``qupath_name``, e.g. "Ignore*" for regions to leave out)
+    classes = [ClassStyle(c.index, c.qupath_name or c.name, tuple(c.color)) for c in entry.classes]  # type: ignore[arg-type]
     fractions = pred.class_fractions()
     mean_prob = pred.mean_class_probability()
     mask_mpp = None if mpp0 is None else mpp0 * pred.downsample
@@ -543,7 +544,7 @@ def _run_locked(
             outputs["geojson_features"] = str(len(fc["features"]))
             for c in entry.classes:
                 areas[c.name]["objects"] = sum(
-                    f["properties"]["classification"]["name"] == c.name for f in fc["features"]
+                    f["properties"]["classification"]["name"] == (c.qupath_name or c.name) for f in fc["features"]
                 )
         write_class_table(work / RESULT_FILES["table"], areas)
         outputs["table"] = RESULT_FILES["table"]

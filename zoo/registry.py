@@ -37,6 +37,9 @@ class ClassSpec(_Strict):
     index: int = Field(ge=0, le=255)
     name: str = Field(min_length=1)
     color: RGB
+    qupath_name: str | None = Field(
+        None, description="QuPath classification if not ``name`` (e.g. 'Ignore*' for regions to leave out)"
+    )
 
     @field_validator("color")
     @classmethod
@@ -192,7 +195,17 @@ class StageSpec(_Strict):
     )
 
 
-ModelKind = Literal["segmentation", "patch-classification", "cascade"]
+class ContextInput(_Strict):
+    """A second input of a multi-input model: a tile of ``patch_size_px`` at ``target_mpp`` centred on
+    the main tile's centre (seed 002's low-resolution context), scaled like the main input; white
+    (255) where it reaches beyond the slide."""
+
+    input_name: str
+    patch_size_px: tuple[int, int] = Field(description="(width, height)")
+    target_mpp: float = Field(gt=0, description="µm per pixel of the context tile")
+
+
+ModelKind = Literal["segmentation", "patch-classification", "cascade", "multi-input"]
 
 
 class ModelEntry(_Strict):
@@ -201,7 +214,8 @@ class ModelEntry(_Strict):
     ``kind`` picks the runner module (:mod:`zoo.kinds`): ``segmentation`` (tiles or the whole slide
     to per-pixel probabilities), ``patch-classification`` (one probability per class per tile,
     averaged where tiles overlap), ``cascade`` (this entry's network is the first stage, named
-    ``stage_name``; ``stages`` follow, each fed by the slide and/or earlier stages).
+    ``stage_name``; ``stages`` follow, each fed by the slide and/or earlier stages), ``multi-input``
+    (tiles to pixels with centred context tiles at other resolutions, ``context_inputs``).
     """
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
@@ -222,6 +236,9 @@ class ModelEntry(_Strict):
     selection: SelectionSpec = Field(default_factory=SelectionSpec, description="which tiles are classified")
     stage_name: str = Field("main", pattern=r"^[a-z0-9][a-z0-9-]*$", description="this network's stage name")
     stages: list[StageSpec] = Field(default_factory=list, description="cascade: the stages after this one")
+    context_inputs: list[ContextInput] = Field(
+        default_factory=list, description="multi-input: centred tiles at other resolutions, each its own ONNX input"
+    )
     precisions: dict[Precision, PrecisionSpec] = Field(
         default_factory=lambda: dict[Precision, PrecisionSpec](
             {"fp32": PrecisionSpec(min_dice=1.0, max_abs_diff=1e-4)}
@@ -256,6 +273,14 @@ class ModelEntry(_Strict):
             )
         if self.selection.entropy_rails is not None and self.input.mode != "tiled":
             raise ValueError("entropy rails select tiles: they need input.mode 'tiled'")
+        if self.kind == "multi-input":
+            if not self.context_inputs or self.input.mode != "tiled":
+                raise ValueError("a multi-input model needs input.mode 'tiled' and at least one context_inputs entry")
+            names = [self.input.input_name, *(c.input_name for c in self.context_inputs)]
+            if len(set(names)) != len(names):
+                raise ValueError(f"multi-input: input names {names} must differ")
+        elif self.context_inputs:
+            raise ValueError(f"context_inputs are for kind 'multi-input', not {self.kind!r}")
         if self.kind == "cascade":
             self._check_stages()
         elif self.stages:

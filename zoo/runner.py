@@ -320,8 +320,10 @@ class OnnxModel:
         """``{input name: array}`` to (N, C, H, W) float32 class probabilities (multi-input networks)."""
         return to_probabilities(self._feeds(feeds), self.entry)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Network input batch to (N, C, H, W) float32 class probabilities."""
+    def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        """Network input batch (or ``{input name: batch}``) to (N, C, H, W) float32 class probabilities."""
+        if isinstance(x, dict):
+            return self.predict_feeds(x)
         if self.fixed_batch and x.shape[0] != self.fixed_batch:
             return np.concatenate([self.predict(x[i : i + 1]) for i in range(x.shape[0])])
         return to_probabilities(self._raw(x), self.entry)
@@ -489,6 +491,15 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
             cnt[ph - n :] = 0
             band_y += n
 
+    contexts = [
+        (
+            c,
+            choose_level(
+                slide, target_mpp=c.target_mpp, slide_mpp=opts.slide_mpp, force_slide_mpp=opts.force_slide_mpp
+            ),
+        )
+        for c in entry.context_inputs
+    ]
     bs = max(1, opts.batch_size)
     batches = [jobs[k : k + bs] for k in range(0, len(jobs), bs)]
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.prefetch_batches))
@@ -506,7 +517,18 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
                 t_b = time.perf_counter()
                 tiles = np.stack([box_reduce(r, choice.factor) for r in regions])
                 t_c = time.perf_counter()
-                x = model.preprocess(tiles)
+                x: Any = model.preprocess(tiles)
+                if contexts:  # multi-input models: centred context tiles, one ONNX input each
+                    x = {entry.input.input_name: x}
+                    for spec, ctx_choice in contexts:
+                        x[spec.input_name] = model.preprocess(
+                            np.stack(
+                                [
+                                    context_tile(slide, choice, ctx_choice, spec, xs[i] + pw / 2, ys[j] + ph / 2)
+                                    for j, i in b
+                                ]
+                            )
+                        )
                 t_d = time.perf_counter()
                 split["read_decode"] += t_b - t_a
                 split["resample"] += t_c - t_b
@@ -583,6 +605,25 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         "bad_tiles": list(slide.bad_tiles),
     }
     return Prediction(mask, choice.downsample, choice.mpp, choice, stats, heatmaps, prob_sums)
+
+
+def context_tile(
+    slide: Slide, choice: LevelChoice, ctx_choice: LevelChoice, spec: Any, cx: float, cy: float
+) -> np.ndarray:
+    """The (h, w, 3) context tile of ``spec`` centred on (cx, cy) in model pixels at ``choice``; white
+    where it reaches beyond the slide."""
+    w, h = spec.patch_size_px
+    scale = choice.downsample / ctx_choice.downsample  # context pixels per model pixel
+    x0, y0 = round(cx * scale - w / 2), round(cy * scale - h / 2)
+    cw, ch = model_dimensions(slide, ctx_choice)
+    out = np.full((h, w, 3), 255, np.uint8)
+    ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(cw, x0 + w), min(ch, y0 + h)
+    if ix1 > ix0 and iy1 > iy0:
+        region = box_reduce(level_region(slide, ctx_choice, ix0, iy0, ix1 - ix0, iy1 - iy0), ctx_choice.factor)
+        out[iy0 - y0 : iy0 - y0 + region.shape[0], ix0 - x0 : ix0 - x0 + region.shape[1]] = region[
+            : iy1 - iy0, : ix1 - ix0
+        ]
+    return out
 
 
 def _bad_boxes(slide: Slide, downsample: float) -> list[tuple[int, int, int, int]]:

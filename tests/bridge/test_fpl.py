@@ -50,7 +50,7 @@ def test_malformed_fpl(text: str) -> None:
         parse_fpl(text, "bad.fpl")
 
 
-@pytest.mark.parametrize("model", [m.id for m in load_registry().models])
+@pytest.mark.parametrize("model", [m.id for m in load_registry().models if not m.context_inputs])
 def test_kept_pipelines_match_registry(model: str) -> None:
     entry = load_registry().get(model)
     for name, text in repo_pipeline_files(entry).items():
@@ -143,3 +143,12 @@ def test_cascade_fast_export_refuses_what_fast_cannot_feed() -> None:
     data["stages"] = [st]
     with pytest.raises(FplError, match=r"stage 'refine'.*scale-factor"):
         check_exportable(ModelEntry.model_validate(data))
+
+
+def test_multi_input_models_are_refused_with_the_reason() -> None:
+    from zoo.errors import FplError
+
+    entry = load_registry().get("multilevel-unet")
+    with pytest.raises(FplError, match="centred context tile"):
+        check_exportable(entry)
+    assert not (REPO / "pipelines" / "multilevel-unet.fpl").exists()

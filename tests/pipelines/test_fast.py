@@ -25,6 +25,10 @@ MIN_DICE = 0.85
 #: Patch classifiers differ more: FAST stitches non-overlapping tiles only and has no entropy rails,
 #: zoo averages overlapping tiles; the cascade's refinement sees FAST's heatmap and lowest level.
 MIN_DICE_KIND = {"patch-classification": 0.5, "cascade": 0.7}
+#: Per class for multi-class models (the classes covering >= 1% of the slide in either result). cd-unet
+#: measured 0.70 Tissue, 0.76 Tumor, 0.81 Exclude on the (out-of-domain) bundled slide, where its
+#: tissue/tumour probabilities are close, so FAST's different pre-mask and blending flip labels.
+MIN_DICE_MULTICLASS = 0.65
 
 
 def _read_fast_output(path: Path) -> np.ndarray:
@@ -39,11 +43,18 @@ def _read_fast_output(path: Path) -> np.ndarray:
     return (a[..., 0] if a.ndim == 3 else a).astype(np.uint8)
 
 
-@pytest.mark.parametrize("model", [m.id for m in load_registry().models])
+# multi-input models are refused at export (tests/bridge/test_fpl.py): FAST cannot pair a tile with its context
+@pytest.mark.parametrize("model", [m.id for m in load_registry().models if not m.context_inputs])
 def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Path, tmp_path: Path) -> None:
     entry = load_registry().get(model)
     fpl = REPO / "pipelines" / f"{entry.name}_export.fpl"
-    suffix = ".mhd" if entry.kind != "segmentation" else ".tiff" if entry.input.mode == "tiled" else ".png"
+    suffix = (
+        ".mhd"
+        if entry.kind in ("patch-classification", "cascade")
+        else ".tiff"
+        if entry.input.mode == "tiled"
+        else ".png"
+    )
     fast_out = tmp_path / f"fast{suffix}"
     seconds = run_fast_pipeline(fpl, {"wsi": str(cmu_slide), "output": str(fast_out)})
     assert fast_out.exists(), f"FAST wrote no output in {seconds:.1f} s"
@@ -54,6 +65,14 @@ def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Pat
     ours, _, _ = read_mask_tiff(tmp_path / "z" / cmu_slide.stem / "mask.tiff")
     fast_resized = np.asarray(Image.fromarray(fast_mask).resize(ours.shape[::-1], Image.Resampling.NEAREST))
     d = dice(fast_resized > 0, ours > 0)
+    if len(entry.classes) > 2:  # multi-class: per-class Dice for the classes that cover >= 1% of the slide
+        per_class = {
+            c.name: dice(fast_resized == c.index, ours == c.index)
+            for c in entry.foreground
+            if (ours == c.index).mean() >= 0.01 or (fast_resized == c.index).mean() >= 0.01
+        }
+        print(f"{entry.id}: per-class Dice(FAST, zoo) = {per_class}")
+        assert per_class and min(per_class.values()) >= MIN_DICE_MULTICLASS, per_class
     run = json.loads((tmp_path / "z" / cmu_slide.stem / "run.json").read_text())
     print(f"{entry.id}: Dice(FAST, zoo) = {d:.4f}; FAST {seconds:.1f} s, zoo {run['seconds']:.1f} s")
-    assert d >= MIN_DICE_KIND.get(entry.kind, MIN_DICE)
+    assert d >= (MIN_DICE_MULTICLASS if len(entry.classes) > 2 else MIN_DICE_KIND.get(entry.kind, MIN_DICE))

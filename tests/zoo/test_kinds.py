@@ -208,3 +208,58 @@ def test_tampered_stage_weights_fail_before_output(cmu_slide: Path, tmp_path: Pa
     assert r.returncode == 1
     assert "sha256" in r.stderr and "refine.onnx" in r.stderr
     assert not (tmp_path / "o" / cmu_slide.stem).exists()
+
+
+# --------------------------------------------------------------------------- multi-input
+
+
+def test_multi_input_validation() -> None:
+    data = _entry("multilevel-unet")
+    with pytest.raises(ValidationError, match="context_inputs entry"):
+        ModelEntry.model_validate({**data, "context_inputs": []})
+    with pytest.raises(ValidationError, match="must differ"):
+        ModelEntry.model_validate(
+            {**data, "context_inputs": [{"input_name": "image", "patch_size_px": [256, 256], "target_mpp": 4.0}]}
+        )
+    with pytest.raises(ValidationError, match="context_inputs are for kind 'multi-input'"):
+        ModelEntry.model_validate({**_entry("cd-unet"), "context_inputs": data["context_inputs"]})
+
+
+def test_context_tile_is_centred_and_white_beyond_the_slide(cmu_slide: Path) -> None:
+    from zoo.registry import ContextInput
+    from zoo.runner import context_tile
+    from zoo.slide import choose_level, level_region
+
+    with open_slide(cmu_slide) as slide:
+        choice = choose_level(slide, target_mpp=1.0)
+        same = ContextInput(input_name="c", patch_size_px=(64, 64), target_mpp=1.0)
+        # at the same resolution, the context tile centred on a tile's centre is that tile
+        tile = level_region(slide, choice, 300, 200, 64, 64)[::2, ::2] if choice.factor == 2 else None
+        got = context_tile(slide, choice, choice, same, 300 + 32, 200 + 32)
+        ref = level_region(slide, choice, 300, 200, 64, 64)
+        from zoo.slide import box_reduce
+
+        np.testing.assert_array_equal(got, box_reduce(ref, choice.factor))
+        del tile
+        # near the top-left corner, the part beyond the slide is white
+        corner = context_tile(slide, choice, choice, same, 0, 0)
+        assert (corner[:32, :32] == 255).all() and not (corner[32:, 32:] == 255).all()
+        coarse_choice = choose_level(slide, target_mpp=4.0)
+        coarse = ContextInput(input_name="c", patch_size_px=(64, 64), target_mpp=4.0)
+        assert context_tile(slide, choice, coarse_choice, coarse, 500, 700).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("model", ["cd-unet", "multilevel-unet"])
+def test_zoo_run_multiclass_models(model: str, cmu_slide: Path, tmp_path: Path) -> None:
+    r = run_zoo("run", model, str(cmu_slide), "--out", str(tmp_path), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = tmp_path / cmu_slide.stem
+    run = json.loads((res / "run.json").read_text())
+    assert run["model"]["kind"] == load_registry().get(model).kind
+    for c in ("Tissue", "Tumor", "Exclude"):
+        assert (res / f"probability_{c}.tiff").exists()
+    fc = json.loads((res / "annotations.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in fc["features"]}
+    # Exclude goes to QuPath as its Ignore* class, so QuPath users can filter it
+    assert names <= {"Tissue", "Tumor", "Ignore*"} and "Tissue" in names
+    assert "Exclude" in (res / "classes.csv").read_text()

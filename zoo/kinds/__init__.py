@@ -5,7 +5,9 @@
   averaged where tiles overlap into a heatmap at the tile stride (seed 001), tiles sifted by the tissue
   pre-mask and optional entropy rails;
 * ``cascade`` (:mod:`zoo.kinds.cascade`): named stages, each its own network, fed by the slide and/or
-  earlier stages (H2G-Net, seed 004).
+  earlier stages (H2G-Net, seed 004);
+* ``multi-input`` (:mod:`zoo.kinds.multi_input`): tiles to pixels, each tile fed with centred context
+  tiles at other resolutions (seed 002).
 
 Each module has ``predict(slide, entry, models, opts) -> Prediction`` where ``models`` maps stage
 names (``entry.networks()``) to loaded :class:`zoo.runner.OnnxModel` objects. Adding a kind means a
@@ -26,6 +28,7 @@ KIND_MODULES = {
     "segmentation": "zoo.kinds.segmentation",
     "patch-classification": "zoo.kinds.patch_classification",
     "cascade": "zoo.kinds.cascade",
+    "multi-input": "zoo.kinds.multi_input",
 }
 
 

@@ -64,14 +64,13 @@ class CDUNet(nn.Module):
 
     def __init__(self, classes: int = len(CLASSES), base: int = 16, colour_deconvolution: bool = True) -> None:
         super().__init__()
-        self.cd = (
-            nn.Sequential(
+        cd: nn.Module = nn.Identity()
+        if colour_deconvolution:
+            cd = nn.Sequential(
                 nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
                 nn.Conv2d(6, 3, 1), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
             )  # fmt: skip
-            if colour_deconvolution
-            else nn.Identity()
-        )
+        self.cd = cd
         self.unet = UNet(3, base)
         self.head = nn.Conv2d(base, classes, 1)
 

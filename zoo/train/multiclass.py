@@ -95,8 +95,15 @@ class CanvasSource:
         x0 = max(0, min(w0 - w, int(xs[k]) - w // 2))
         f = float(torch.empty(1, device=dev).uniform_(8.0, 20.0, generator=gen))
         side = min(int(w * f), img.shape[-1])
-        crop = F.interpolate(src_rgb[None, :, y0 : y0 + w, x0 : x0 + w].float() / 255.0, size=(side, side), mode="bilinear")[0]
-        mask = F.interpolate(src_mask[None, None, y0 : y0 + w, x0 : x0 + w].float(), size=(side, side), mode="nearest")[0, 0] > 0.5
+        crop = F.interpolate(
+            src_rgb[None, :, y0 : y0 + w, x0 : x0 + w].float() / 255.0, size=(side, side), mode="bilinear"
+        )[0]
+        mask = (
+            F.interpolate(src_mask[None, None, y0 : y0 + w, x0 : x0 + w].float(), size=(side, side), mode="nearest")[
+                0, 0
+            ]
+            > 0.5
+        )
         s = img.shape[-1]
         py = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
         px = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
@@ -122,7 +129,10 @@ def crops(
         pad = (big - size) // 2
         padded = F.pad(img[None], (pad, pad, pad, pad), value=1.0)[0]
         ctx = torch.stack(
-            [F.avg_pool2d(padded[None, :, y : y + big, xx : xx + big], context)[0] for y, xx in zip(ys, xs, strict=True)]
+            [
+                F.avg_pool2d(padded[None, :, y : y + big, xx : xx + big], context)[0]
+                for y, xx in zip(ys, xs, strict=True)
+            ]
         )
     return x, t, ctx
 
@@ -188,9 +198,11 @@ def train_segmenter(
             x, ctx = (both, None) if ctx is None else (both[:batch], both[batch:])
         k = int(torch.randint(0, 4, (1,), generator=gen, device=dev))
         flip = bool(torch.randint(0, 2, (1,), generator=gen, device=dev))
-        def geo(a: torch.Tensor) -> torch.Tensor:
+
+        def geo(a: torch.Tensor, k: int = k, flip: bool = flip) -> torch.Tensor:
             a = torch.rot90(a, k, dims=(-2, -1))
             return a.flip(-1) if flip else a
+
         x, t = geo(x), geo(t)
         if ctx is not None:
             ctx = geo(ctx)
@@ -203,7 +215,9 @@ def train_segmenter(
         sched.step()
         running += loss.item()
         if step % log_every == 0 or step == steps:
-            log.append({"step": step, "loss": round(running / (log_every if step % log_every == 0 else step % log_every), 4)})
+            log.append(
+                {"step": step, "loss": round(running / (log_every if step % log_every == 0 else step % log_every), 4)}
+            )
             running = 0.0
     net.eval()
     return {
@@ -264,4 +278,3 @@ def per_class_dice(pred: torch.Tensor, label: torch.Tensor, n_classes: int = len
         s = int(a.sum()) + int(b.sum())
         out.append(None if s == 0 else 2 * int((a & b).sum()) / s)
     return out
-
