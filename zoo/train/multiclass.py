@@ -191,6 +191,7 @@ def train_segmenter(
     for step in range(1, steps + 1):
         if img is None or step % 4 == 1:
             img, label = source.canvas(gen)
+        assert img is not None and label is not None
         x, t, ctx = crops(img, label, batch, size, gen, context)
         if stain_aug:  # same stain draw for a tile and its context
             both = x if ctx is None else torch.cat([x, ctx], 0)

@@ -29,7 +29,7 @@ from zoo.train.multiclass import CLASSES, load_sources, train_segmenter
 CONTEXT_FACTOR = 4
 
 
-def centre_crop_up(feat: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Tensor:
+def centre_crop_up(feat: torch.Tensor, factor: int, size: tuple[int, ...]) -> torch.Tensor:
     """The central 1/``factor`` of ``feat`` (the high-resolution field of view), bilinearly resized to ``size``."""
     h, w = feat.shape[-2:]
     ch, cw = h // factor, w // factor
@@ -55,10 +55,10 @@ class MultiLevelUNet(nn.Module):
 
     def logits(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         hs, cs = self.high.encode(image), self.context.encode(context)
-        mid = centre_crop_up(cs[3], self.factor, hs[3].shape[-2:])
+        mid = centre_crop_up(cs[3], self.factor, tuple(hs[3].shape[-2:]))
         hs[3] = self.merge_mid(torch.cat([hs[3], mid], 1))
         hf = self.high.decode(hs)
-        cf = centre_crop_up(self.context.decode(cs), self.factor, hf.shape[-2:])
+        cf = centre_crop_up(self.context.decode(cs), self.factor, tuple(hf.shape[-2:]))
         return self.head(self.merge_out(torch.cat([hf, cf], 1)))
 
     def forward(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
