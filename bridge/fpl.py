@@ -312,16 +312,7 @@ def _render_patchwise(entry: ModelEntry, variant: str, engine: str, paths: dict[
             Block("Renderer", "heatmapRenderer", ["HeatmapRenderer"], inputs=[(0, "stitcher", 0)]),
         ]
         if not result_is_heatmap:
-            colours = " ".join(f'"{c.index}" "{_hex(c.color)}"' for c in order if c.index != 0)
-            blocks.append(
-                Block(
-                    "Renderer",
-                    "segRenderer",
-                    ["SegmentationRenderer"],
-                    [("opacity", "0.4"), ("border-opacity", "0.8"), ("label-colors", colours)],
-                    [(0, result, 0)],
-                )
-            )
+            blocks.append(_segmentation_renderer(entry, result))
     name = f"{entry.name} {entry.version}" + (" (export)" if variant == "export" else "")
     return Pipeline(name, entry.summary, blocks)
 
@@ -350,7 +341,6 @@ def render_pipeline(
     assert not isinstance(model_path, dict)
     spec, out = entry.input, entry.output
     model_attr = _quote(model_path or f"$CURRENT_PATH$/../models/{entry.name}.onnx")
-    labels = [c for c in entry.classes if c.index != 0]
     blocks: list[Block] = []
     if variant == "fastpathology":
         blocks.append(Block("PipelineInputData", "WSI", ["Whole-slide image"]))
@@ -410,19 +400,24 @@ def render_pipeline(
         exporter = "TIFFImagePyramidExporter" if spec.mode == "tiled" else "ImageFileExporter"
         blocks.append(Block("ProcessObject", "exporter", [exporter], [("filename", "@@output@@")], [(0, result, 0)]))
     else:
-        colours = " ".join(f'"{c.index}" "{_hex(c.color)}"' for c in labels)
         blocks += [
             Block("Renderer", "imgRenderer", ["ImagePyramidRenderer"], inputs=[(0, "WSI", 0)]),
-            Block(
-                "Renderer",
-                "segRenderer",
-                ["SegmentationRenderer"],
-                [("opacity", "0.4"), ("border-opacity", "0.8"), ("label-colors", colours)],
-                [(0, result, 0)],
-            ),
+            _segmentation_renderer(entry, result),
         ]
     name = f"{entry.name} {entry.version}" + (" (export)" if variant == "export" else "")
     return Pipeline(name, entry.summary, blocks)
+
+
+def _segmentation_renderer(entry: ModelEntry, source: str) -> Block:
+    """FAST's SegmentationRenderer with the entry's class colours (background not drawn)."""
+    colours = " ".join(f'"{c.index}" "{_hex(c.color)}"' for c in entry.classes if c.index != 0)
+    return Block(
+        "Renderer",
+        "segRenderer",
+        ["SegmentationRenderer"],
+        [("opacity", "0.4"), ("border-opacity", "0.8"), ("label-colors", colours)],
+        [(0, source, 0)],
+    )
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:

@@ -13,15 +13,12 @@ of seed 003's Table 2 comparison.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from zoo.train.h2g import _device, count_parameters
-from zoo.train.multiclass import CLASSES, load_sources, train_segmenter
+from zoo.train.multiclass import CLASSES, family_main, train_models
 
 
 def _double(cin: int, cout: int) -> nn.Sequential:
@@ -82,18 +79,10 @@ class CDUNet(nn.Module):
 
 
 def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 512) -> dict[str, object]:
-    dev = _device()
-    source = load_sources(pack, dev)
-    summary: dict[str, object] = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
-    out.mkdir(parents=True, exist_ok=True)
-    for name, cd in (("cd-unet", True), ("unet", False)):
-        net = CDUNet(colour_deconvolution=cd).to(dev)
-        s = train_segmenter(net, source, steps, batch, size, seed)
-        s["parameters"] = count_parameters(net)
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / f"{name}.pt")
-        summary[name] = s
-        (out / "train.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    """CD-UNET and the plain U-Net, same composites and schedule (seed 003 Table 2)."""
+    return train_models(
+        pack, out, [("cd-unet", CDUNet(), 0), ("unet", CDUNet(colour_deconvolution=False), 0)], steps, batch, size, seed
+    )
 
 
 def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
@@ -105,24 +94,7 @@ def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zoo.train.cd_unet", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train CD-UNET and the plain U-Net from a pack")
-    t.add_argument("--pack", type=Path, required=True, help="pack .npz (python -m zoo.train.multiclass_data)")
-    t.add_argument("--out", type=Path, required=True, help="folder for cd-unet.pt, unet.pt, train.json")
-    t.add_argument("--steps", type=int, default=1500, help="SGD steps per model")
-    t.add_argument("--batch", type=int, default=8, help="512 px tiles per step")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
-    e = sub.add_parser("export", help="export cd-unet.onnx")
-    e.add_argument("--state", type=Path, required=True, help="folder with cd-unet.pt")
-    e.add_argument("--out", type=Path, required=True, help="output folder")
-    a = ap.parse_args(argv)
-    if a.cmd == "train":
-        s = train(a.pack, a.out, a.steps, a.batch, a.seed)
-        print(json.dumps({k: v["seconds"] for k, v in s.items() if isinstance(v, dict)}))
-    else:
-        print(json.dumps(export(a.state, a.out)))
-    return 0
+    return family_main(argv, "zoo.train.cd_unet", __doc__ or "", train, export, "cd-unet", batch=8, tile_px=512)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ zero weight on ignored pixels, SGD with momentum 0.9; strong stain augmentation
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -231,6 +232,60 @@ def train_segmenter(
         "seconds": round(time.perf_counter() - t0, 1),
         "loss_log": log,
     }
+
+
+def train_models(
+    pack: Path, out: Path, models: list[tuple[str, nn.Module, int]], steps: int, batch: int, size: int, seed: int
+) -> dict[str, object]:
+    """Train each (name, net, context factor) on the pack's composites with :func:`train_segmenter`;
+    save ``<name>.pt`` and a ``train.json`` after each."""
+    from zoo.train.h2g import _device, count_parameters
+
+    dev = _device()
+    source = load_sources(pack, dev)
+    summary: dict[str, object] = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, net, ctx in models:
+        net = net.to(dev)
+        s = train_segmenter(net, source, steps, batch, size, seed, context=ctx)
+        s["parameters"] = count_parameters(net)
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / f"{name}.pt")
+        summary[name] = s
+        (out / "train.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def family_main(
+    argv: list[str] | None,
+    module: str,
+    doc: str,
+    train: Callable[[Path, Path, int, int, int], dict[str, object]],
+    export: Callable[[Path, Path], dict[str, float]],
+    model: str,
+    batch: int,
+    tile_px: int,
+) -> int:
+    """The ``train``/``export`` command line shared by the multi-class model families."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the model and its baseline from a pack")
+    t.add_argument("--pack", type=Path, required=True, help="pack .npz (python -m zoo.train.multiclass_data)")
+    t.add_argument("--out", type=Path, required=True, help="folder for the state dicts and train.json")
+    t.add_argument("--steps", type=int, default=1500, help="SGD steps per model")
+    t.add_argument("--batch", type=int, default=batch, help=f"{tile_px} px tiles per step")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    e = sub.add_parser("export", help=f"export {model}.onnx")
+    e.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt")
+    e.add_argument("--out", type=Path, required=True, help="output folder")
+    a = ap.parse_args(argv)
+    if a.cmd == "train":
+        s = train(a.pack, a.out, a.steps, a.batch, a.seed)
+        print(json.dumps({k: v["seconds"] for k, v in s.items() if isinstance(v, dict)}))
+    else:
+        print(json.dumps(export(a.state, a.out)))
+    return 0
 
 
 @torch.no_grad()

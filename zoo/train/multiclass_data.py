@@ -10,27 +10,18 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from zoo.train.multiclass import artefact_arrays
-from zoo.train.pcam import JpegSet, balanced_split, read_pcam, save_pack
-from zoo.train.tumour_data import glass_patches
+from zoo.train.pcam import balanced_split, read_pcam, save_pack
+from zoo.train.tumour_data import glass_set
 
 
 def build(zip_path: Path, slide: Path, images: Path, out: Path, n: int, n_glass: int, seed: int) -> dict[str, int]:
-    import simplejpeg
-
     train = read_pcam(zip_path, "train")
     idx = balanced_split(train.labels, n, seed + 7)
-    g = glass_patches(slide, n_glass, seed)
-    glass = JpegSet(
-        [simplejpeg.encode_jpeg(p, quality=95, colorsubsampling="444") for p in g],
-        np.zeros(len(g), np.int64),
-        [f"{slide.name}#glass{i}" for i in range(len(g))],
-    )
+    glass = glass_set(slide, n_glass, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_pack(out, {"stage1": train.subset(idx), "glass": glass}, extra=artefact_arrays(images))
-    return {"patches": len(idx), "glass": len(g), "bytes": out.stat().st_size}
+    return {"patches": len(idx), "glass": len(glass), "bytes": out.stat().st_size}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,6 @@ without the context branch (``CDUNet(colour_deconvolution=False)`` trained on th
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -23,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.train.cd_unet import CDUNet, UNet
-from zoo.train.h2g import _device, count_parameters
-from zoo.train.multiclass import CLASSES, load_sources, train_segmenter
+from zoo.train.multiclass import CLASSES, family_main, train_models
 
 CONTEXT_FACTOR = 4
 
@@ -66,22 +63,12 @@ class MultiLevelUNet(nn.Module):
 
 
 def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 256) -> dict[str, object]:
-    dev = _device()
-    source = load_sources(pack, dev)
-    summary: dict[str, object] = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
-    out.mkdir(parents=True, exist_ok=True)
+    """The multi-level U-Net and its single-level baseline on the same tiles and schedule."""
     models: list[tuple[str, nn.Module, int]] = [
         ("multilevel-unet", MultiLevelUNet(), CONTEXT_FACTOR),
         ("single-level-unet", CDUNet(colour_deconvolution=False), 0),
     ]
-    for name, net, ctx in models:
-        net = net.to(dev)
-        s = train_segmenter(net, source, steps, batch, size, seed, context=ctx)
-        s["parameters"] = count_parameters(net)
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / f"{name}.pt")
-        summary[name] = s
-        (out / "train.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return train_models(pack, out, models, steps, batch, size, seed)
 
 
 def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
@@ -98,24 +85,9 @@ def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zoo.train.multilevel", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the multi-level and the single-level U-Net from a pack")
-    t.add_argument("--pack", type=Path, required=True, help="pack .npz (python -m zoo.train.multiclass_data)")
-    t.add_argument("--out", type=Path, required=True, help="folder for the state dicts and train.json")
-    t.add_argument("--steps", type=int, default=1500, help="SGD steps per model")
-    t.add_argument("--batch", type=int, default=16, help="256 px tiles per step")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
-    e = sub.add_parser("export", help="export multilevel-unet.onnx")
-    e.add_argument("--state", type=Path, required=True, help="folder with multilevel-unet.pt")
-    e.add_argument("--out", type=Path, required=True, help="output folder")
-    a = ap.parse_args(argv)
-    if a.cmd == "train":
-        s = train(a.pack, a.out, a.steps, a.batch, a.seed)
-        print(json.dumps({k: v["seconds"] for k, v in s.items() if isinstance(v, dict)}))
-    else:
-        print(json.dumps(export(a.state, a.out)))
-    return 0
+    return family_main(
+        argv, "zoo.train.multilevel", __doc__ or "", train, export, "multilevel-unet", batch=16, tile_px=256
+    )
 
 
 if __name__ == "__main__":

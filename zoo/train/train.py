@@ -136,33 +136,12 @@ def export_onnx(
 
     Raises ValueError when ONNX Runtime and torch disagree by more than ``tol``.
     """
-    import onnxruntime as ort
+    from zoo.train.export import export_onnx as export_model
 
     net = MultiResUNet(in_mode, norm_single_channel)  # type: ignore[arg-type]
     net.load_state_dict(torch.load(state_path, map_location="cpu"))
     model = ProbabilityModel(net).eval()
-    x = torch.rand(2, 3, patch_px, patch_px, generator=torch.Generator().manual_seed(0))
-    tmp = onnx_path.with_suffix(".tmp.onnx")
-    torch.onnx.export(
-        model,
-        (x,),
-        str(tmp),
-        input_names=["image"],
-        output_names=["tissue_probability"],
-        dynamic_axes={"image": {0: "batch"}, "tissue_probability": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    with torch.no_grad():
-        ref = model(x).numpy()
-    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"image": x.numpy()})[0]
-    err = float(np.abs(ref - got).max())
-    if err > tol:
-        tmp.unlink()
-        raise ValueError(f"ONNX Runtime output differs from torch by {err:.2e} > {tol:.0e}")
-    tmp.replace(onnx_path)
-    return err
+    return export_model(model, (3, patch_px, patch_px), onnx_path, "image", "tissue_probability", tol)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,21 +31,26 @@ def glass_patches(slide: Path, n: int, seed: int) -> np.ndarray:
     return np.stack([band[y : y + PATCH_PX, x : x + PATCH_PX] for y, x in zip(ys, xs, strict=True)])
 
 
-def build(zip_path: Path, slide: Path, out: Path, n1: int, n2: int, n_glass: int, seed: int) -> dict[str, int]:
+def glass_set(slide: Path, n: int, seed: int) -> JpegSet:
+    """:func:`glass_patches` as JPEG (quality 95, 4:4:4) for a pack, label 0."""
     import simplejpeg
 
-    train = read_pcam(zip_path, "train")
-    i1 = balanced_split(train.labels, n1, seed)
-    i2 = balanced_split(train.labels, n2, seed + 1, exclude=i1)
-    g = glass_patches(slide, n_glass, seed)
-    glass = JpegSet(
+    g = glass_patches(slide, n, seed)
+    return JpegSet(
         [simplejpeg.encode_jpeg(p, quality=95, colorsubsampling="444") for p in g],
         np.zeros(len(g), np.int64),
         [f"{slide.name}#glass{i}" for i in range(len(g))],
     )
+
+
+def build(zip_path: Path, slide: Path, out: Path, n1: int, n2: int, n_glass: int, seed: int) -> dict[str, int]:
+    train = read_pcam(zip_path, "train")
+    i1 = balanced_split(train.labels, n1, seed)
+    i2 = balanced_split(train.labels, n2, seed + 1, exclude=i1)
+    glass = glass_set(slide, n_glass, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_pack(out, {"stage1": train.subset(i1), "stage2": train.subset(i2), "glass": glass})
-    return {"stage1": len(i1), "stage2": len(i2), "glass": len(g), "bytes": out.stat().st_size}
+    return {"stage1": len(i1), "stage2": len(i2), "glass": len(glass), "bytes": out.stat().st_size}
 
 
 def main(argv: list[str] | None = None) -> int:
