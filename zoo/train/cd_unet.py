@@ -2,11 +2,9 @@
 
 Colour-deconvolution segment: two 1x1 convolutions (6 then 3 filters), each followed by batch norm
 and ReLU (seed 003 Fig. 3). U-Net: 3x3 convolutions with zero padding and batch norm after every
-convolution, 4 poolings, transposed-convolution upsampling, softmax over the classes. Seed 003 uses
-a half-width U-Net (32-512 filters, ~7.8 M parameters); here it is a quarter-width U-Net (16-256
-filters, 1.96 M parameters) so that the ONNX file stays under 8 MB and the CPU runner stays usable
-on 2 cores: the deviation is stated in the card. ``colour_deconvolution=False`` is the plain U-Net
-of seed 003's Table 2 comparison.
+convolution, 4 poolings, transposed-convolution upsampling, softmax over the classes. As seed 003, the
+U-Net is half width (32-512 filters; ``base=32``). ``colour_deconvolution=False`` is the plain U-Net
+of seed 003's Table 2 comparison; :mod:`zoo.train.multilevel` uses the quarter-width U-Net (``base=16``).
 
 ``python -m zoo.train.cd_unet train --pack PACK --out DIR`` trains both variants (GPU when present).
 """
@@ -59,7 +57,7 @@ class UNet(nn.Module):
 class CDUNet(nn.Module):
     """(N, 3, H, W) RGB in [0, 1] -> (N, classes, H, W) probabilities; H, W multiples of 16."""
 
-    def __init__(self, classes: int = len(CLASSES), base: int = 16, colour_deconvolution: bool = True) -> None:
+    def __init__(self, classes: int = len(CLASSES), base: int = 32, colour_deconvolution: bool = True) -> None:
         super().__init__()
         cd: nn.Module = nn.Identity()
         if colour_deconvolution:

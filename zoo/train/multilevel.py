@@ -7,7 +7,7 @@ region that corresponds to the high-resolution field of view (the central quarte
 the high-resolution grid and concatenated, compressed by 1x1 convolutions, (a) into the
 high-resolution branch's second-last encoder block and (b) beside its last decoder output before the
 softmax head (seed 002 Figs. 9-10). The single-level baseline is the same high-resolution U-Net
-without the context branch (``CDUNet(colour_deconvolution=False)`` trained on the same tiles).
+without the context branch (``CDUNet(colour_deconvolution=False, base=16)`` trained on the same tiles).
 
 ``python -m zoo.train.multilevel train --pack PACK --out DIR`` trains both (GPU when present).
 """
@@ -66,7 +66,7 @@ def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 
     """The multi-level U-Net and its single-level baseline on the same tiles and schedule."""
     models: list[tuple[str, nn.Module, int]] = [
         ("multilevel-unet", MultiLevelUNet(), CONTEXT_FACTOR),
-        ("single-level-unet", CDUNet(colour_deconvolution=False), 0),
+        ("single-level-unet", CDUNet(colour_deconvolution=False, base=16), 0),
     ]
     return train_models(pack, out, models, steps, batch, size, seed)
 
