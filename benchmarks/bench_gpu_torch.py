@@ -53,15 +53,21 @@ def main() -> int:
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     res: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    models = {
-        "tumour-tiles": (TileCNN(), a.state / "tiles/tiles.pt", REPO / "models/tumour-tiles/1.0.0/test_input.npy"),
+    models = {  # network, state dict, bundled test input, registered ONNX file
+        "tumour-tiles": (
+            TileCNN(),
+            a.state / "tiles/tiles.pt",
+            REPO / "models/tumour-tiles/1.0.0/test_input.npy",
+            REPO / "models/tumour-tiles/1.0.0/tumour-tiles.onnx",
+        ),
         "tumour-h2g/patches": (
             PatchClassifier(),
             a.state / "h2g/patches.pt",
             REPO / "models/tumour-h2g/1.0.0/test_patches_input.npy",
+            REPO / "models/tumour-h2g/1.0.0/patches.onnx",
         ),
     }
-    for name, (net, state, test) in models.items():
+    for name, (net, state, test, onnx_path) in models.items():
         net.load_state_dict(torch.load(state, map_location="cpu"))
         net = net.eval().to(dev)
         x_test = torch.from_numpy(np.load(test)).to(dev)
@@ -69,11 +75,7 @@ def main() -> int:
         try:
             import onnxruntime as ort
 
-            onnx_path = {
-                "tumour-tiles": "models/tumour-tiles/1.0.0/tumour-tiles.onnx",
-                "tumour-h2g/patches": "models/tumour-h2g/1.0.0/patches.onnx",
-            }[name]
-            sess = ort.InferenceSession(str(REPO / onnx_path), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
             ref = sess.run(None, {"image": x_test.cpu().numpy()})[0]
             with torch.inference_mode():
                 row["fp32_vs_onnxruntime_max_abs_diff"] = float(np.abs(net(x_test).float().cpu().numpy() - ref).max())

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from scipy.stats import mannwhitneyu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,6 +34,7 @@ from zoo.train import composites  # noqa: E402
 from zoo.train.h2g import CompositeSource  # noqa: E402
 from zoo.train.pcam import read_pcam  # noqa: E402
 from zoo.train.tumour_data import glass_patches  # noqa: E402
+from zoo.train.tumour_tiles import learn_rails  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 TILES = ROOT / "models/tumour-tiles/1.0.0/tumour-tiles.onnx"
@@ -55,20 +57,9 @@ def classify(sess: ort.InferenceSession, images: np.ndarray, batch: int = 256) -
 
 
 def auc(score: np.ndarray, label: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties averaged)."""
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    s = score[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    """Area under the ROC curve: the Mann-Whitney U of tumour vs non-tumour scores over n1 * n0 (ties count half)."""
     pos = label == 1
-    n1, n0 = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(mannwhitneyu(score[pos], score[~pos]).statistic / (pos.sum() * (~pos).sum()))
 
 
 def patch_metrics(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -101,11 +92,8 @@ def main() -> int:
     zip_path = SHARED / "pcam/pcam-ai4all-trainval.zip"
     valid = read_pcam(zip_path, "valid")
     images, labels = valid.decode(), valid.labels
-    train = read_pcam(zip_path, "train")
-    tr_tumour = train.subset(np.flatnonzero(train.labels == 1)).decode()
-    h_train = grey_entropy_bits(tr_tumour)
-    rails = (float(h_train.min()), float(h_train.max()))
-    del tr_tumour
+    learned = learn_rails(zip_path)  # as registered (rounded to 4 decimals), so as the runner applies them
+    rails = (learned["min_bits"], learned["max_bits"])
     res: dict[str, object] = {
         "pcam_valid": {"tumour": int((labels == 1).sum()), "non_tumour": int((labels == 0).sum())}
     }

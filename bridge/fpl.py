@@ -205,7 +205,7 @@ def check_exportable_stages(entry: ModelEntry) -> None:
         for src in st.sources:
             if src.source not in ("slide", entry.stage_name):
                 raise FplError(f"{where}: FAST pipelines here feed later stages from the slide or the first stage only")
-        names = [src.input_name or st.input.input_name for src in st.sources]
+        names = [st.feeds(src) for src in st.sources]
         if len(set(names)) != len(names):
             raise FplError(f"{where}: FAST feeds one image per network input; give each source its own input_name")
 
@@ -275,9 +275,9 @@ def _render_patchwise(entry: ModelEntry, variant: str, engine: str, paths: dict[
                 blocks.append(
                     Block("ProcessObject", "lowRes", ["ImagePyramidLevelExtractor"], [("level", "-1")], [(0, "WSI", 0)])
                 )
-                feeds.append((src.input_name or st.input.input_name, "lowRes"))
+                feeds.append((st.feeds(src), "lowRes"))
             else:
-                feeds.append((src.input_name or st.input.input_name, "heatmap"))
+                feeds.append((st.feeds(src), "heatmap"))
         # FAST orders a network's input ports by input name
         inputs = [(port, obj, 0) for port, (_, obj) in enumerate(sorted(feeds))]
         blocks.append(

@@ -173,6 +173,11 @@ class StageSource(_Strict):
         "sources of one input are concatenated",
     )
 
+    @property
+    def channels(self) -> int:
+        """Channels it feeds: RGB for the slide, one probability map for a stage's class."""
+        return 3 if self.source == "slide" else 1
+
 
 class StageSpec(_Strict):
     """A later stage of a cascade: its own network, input spec, pinned weights and bundled test.
@@ -193,6 +198,10 @@ class StageSpec(_Strict):
     precisions: dict[Precision, PrecisionSpec] | None = Field(
         None, description="as the entry's precisions (default: the entry's fp32 only)"
     )
+
+    def feeds(self, src: StageSource) -> str:
+        """The ONNX input ``src`` feeds."""
+        return src.input_name or self.input.input_name
 
 
 class ContextInput(_Strict):
@@ -306,16 +315,15 @@ class ModelEntry(_Strict):
                 if src.source == "slide":
                     if st.input.channel_order == "grey":
                         raise ValueError(f"{where}: a slide source is fed as RGB or BGR, not grey")
-                    fed += 3
                 elif src.source in channels:
                     if src.class_name not in channels[src.source]:
                         raise ValueError(
                             f"{where}: stage {src.source!r} has no class {src.class_name!r}; "
                             f"use one of {channels[src.source]}"
                         )
-                    fed += 1
                 else:
                     raise ValueError(f"{where}: source {src.source!r} is neither 'slide' nor an earlier stage {names}")
+                fed += src.channels
             if fed != st.input.channels:
                 raise ValueError(f"{where}: its sources give {fed} channels but input.channels is {st.input.channels}")
             if len(st.input.mean) != st.input.channels:
@@ -337,10 +345,9 @@ class ModelEntry(_Strict):
             # the view's input spec describes the ONNX input named input.input_name: its channels only
             idx, k = [], 0
             for src in st.sources:
-                n = 3 if src.source == "slide" else 1
-                if (src.input_name or st.input.input_name) == st.input.input_name:
-                    idx += list(range(k, k + n))
-                k += n
+                if st.feeds(src) == st.input.input_name:
+                    idx += list(range(k, k + src.channels))
+                k += src.channels
             main_input = st.input.model_copy(
                 update={
                     "channels": len(idx),

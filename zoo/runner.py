@@ -30,7 +30,7 @@ from scipy import ndimage as ndi
 
 from zoo.errors import ModelInputError, ProviderError
 from zoo.labelmask import UNKNOWN_LABEL, LabelMask
-from zoo.registry import ModelEntry
+from zoo.registry import ContextInput, ModelEntry
 from zoo.slide import (
     LevelChoice,
     Slide,
@@ -608,7 +608,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
 
 
 def context_tile(
-    slide: Slide, choice: LevelChoice, ctx_choice: LevelChoice, spec: Any, cx: float, cy: float
+    slide: Slide, choice: LevelChoice, ctx_choice: LevelChoice, spec: ContextInput, cx: float, cy: float
 ) -> np.ndarray:
     """The (h, w, 3) context tile of ``spec`` centred on (cx, cy) in model pixels at ``choice``; white
     where it reaches beyond the slide."""

@@ -13,7 +13,7 @@ from tests.conftest import shared  # noqa: E402
 from zoo.train import multiclass as mc  # noqa: E402
 from zoo.train import stains  # noqa: E402
 from zoo.train.cd_unet import CDUNet  # noqa: E402
-from zoo.train.h2g import count_parameters  # noqa: E402
+from zoo.train.common import count_parameters  # noqa: E402
 from zoo.train.multilevel import MultiLevelUNet, centre_crop_up  # noqa: E402
 
 

@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch", reason="torch not installed (pip install '.
 
 from tests.conftest import shared  # noqa: E402
 from zoo.train import augment, composites  # noqa: E402
-from zoo.train.h2g import PatchClassifier, RefinementUNet, count_parameters  # noqa: E402
+from zoo.train.common import count_parameters  # noqa: E402
+from zoo.train.h2g import PatchClassifier, RefinementUNet  # noqa: E402
 from zoo.train.pcam import JpegSet, balanced_split, image_entropy, load_pack, read_pcam, save_pack  # noqa: E402
 from zoo.train.tumour_tiles import TileCNN  # noqa: E402
 

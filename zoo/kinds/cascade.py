@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from zoo.kinds.patch_classification import classify_tiles, grid_prediction
+from zoo.kinds.patch_classification import classify_tiles
 from zoo.labelmask import LabelMask
 from zoo.registry import ModelEntry
 from zoo.runner import OnnxModel, Prediction, RunOptions, class_probability_rows, labels_from_probabilities
@@ -44,10 +44,6 @@ def _class_planes(prob: np.ndarray, entry: ModelEntry) -> dict[str, np.ndarray]:
 def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts: RunOptions) -> Prediction:
     t0 = time.perf_counter()
     grid = classify_tiles(slide, entry, models[entry.stage_name], opts)
-    first = grid_prediction(grid, entry, opts)
-    first.mask.close()
-    for heat in first.probabilities.values():
-        heat.close()
     planes: dict[str, dict[str, np.ndarray]] = {entry.stage_name: _class_planes(grid.prob, entry)}
     stage_stats: dict[str, Any] = {entry.stage_name: {"seconds": grid.stats["seconds_total"], **grid.stats}}
     low: np.ndarray | None = None
@@ -68,7 +64,7 @@ def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts:
                 value = small.transpose(2, 0, 1)
             else:
                 value = _resize(planes[src.source][src.class_name or ""], w, h)[None]
-            channels.append((src.input_name or st.input.input_name, value))
+            channels.append((st.feeds(src), value))
         stacked = np.concatenate([v for _, v in channels], 0)
         mean = np.asarray(st.input.mean, np.float32)[:, None, None]
         std = np.asarray(st.input.std, np.float32)[:, None, None]

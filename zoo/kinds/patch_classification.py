@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -69,9 +69,7 @@ class TileGrid:
 def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunOptions) -> TileGrid:
     """Sift and classify the tiles of ``slide`` with ``model``; see the module docstring."""
     t0 = time.perf_counter()
-    premask_opts = RunOptions(
-        **{**opts.__dict__, "skip_background": opts.skip_background and entry.selection.tissue_premask}
-    )
+    premask_opts = replace(opts, skip_background=opts.skip_background and entry.selection.tissue_premask)
     plan = plan_tiles(slide, entry, premask_opts)
     pw, ph = entry.input.patch_size_px
     sx, sy = plan.stride_px

@@ -16,14 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoo.train.common import double_conv
 from zoo.train.multiclass import CLASSES, family_main, train_models
-
-
-def _double(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-    )  # fmt: skip
 
 
 class UNet(nn.Module):
@@ -33,9 +27,9 @@ class UNet(nn.Module):
         super().__init__()
         w = [base * 2**i for i in range(depth + 1)]
         self.widths = w
-        self.down = nn.ModuleList([_double(cin, w[0])] + [_double(w[i], w[i + 1]) for i in range(depth)])
+        self.down = nn.ModuleList([double_conv(cin, w[0])] + [double_conv(w[i], w[i + 1]) for i in range(depth)])
         self.upconv = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, 2) for i in reversed(range(depth))])
-        self.up = nn.ModuleList([_double(2 * w[i], w[i]) for i in reversed(range(depth))])
+        self.up = nn.ModuleList([double_conv(2 * w[i], w[i]) for i in reversed(range(depth))])
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = []

@@ -24,12 +24,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zoo.train import augment, composites
+from zoo.train.common import LossLog, count_parameters, device, device_name, double_conv, save_state, to_tensor
 from zoo.train.pcam import load_pack
 
 REFINE_PX = 1024
@@ -101,13 +101,6 @@ class PatchClassifier(nn.Module):
         return torch.softmax(self.logits(x), dim=1)
 
 
-def _double(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-    )  # fmt: skip
-
-
 class RefinementUNet(nn.Module):
     """U-Net (Ronneberger et al.): 4 poolings, bilinear upsampling, batch norm.
 
@@ -117,8 +110,8 @@ class RefinementUNet(nn.Module):
     def __init__(self, cin: int = 4, classes: int = 2, base: int = 16) -> None:
         super().__init__()
         w = [base * 2**i for i in range(5)]
-        self.down = nn.ModuleList([_double(cin, w[0])] + [_double(w[i], w[i + 1]) for i in range(4)])
-        self.up = nn.ModuleList([_double(w[i + 1] + w[i], w[i]) for i in reversed(range(4))])
+        self.down = nn.ModuleList([double_conv(cin, w[0])] + [double_conv(w[i], w[i + 1]) for i in range(4)])
+        self.up = nn.ModuleList([double_conv(w[i + 1] + w[i], w[i]) for i in reversed(range(4))])
         self.out = nn.Conv2d(w[0], classes, 1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,18 +126,6 @@ class RefinementUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=1)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
 
 
 def train_classifier(
@@ -170,7 +151,7 @@ def train_classifier(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     net.train()
-    log, running = [], 0.0
+    log = LossLog(steps, log_every)
     amp = dev.type == "cuda"
     for step in range(1, steps + 1):
         half = batch // 2
@@ -191,12 +172,9 @@ def train_classifier(
         opt.step()
         if sched is not None:
             sched.step()
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            log.append({"step": step, "loss": running / (log_every if step % log_every == 0 else step % log_every)})
-            running = 0.0
+        log.add(step, loss.item())
     net.eval()
-    return log
+    return log.entries
 
 
 @torch.no_grad()
@@ -245,7 +223,7 @@ def train_refinement(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     amp = dev.type == "cuda"
-    log, running = [], 0.0
+    log = LossLog(steps, log_every)
     for step in range(1, steps + 1):
         xs, ts = zip(*[source.sample(gen)[:2] for _ in range(batch)], strict=True)
         x, t = torch.stack(xs), torch.stack(ts)
@@ -261,12 +239,9 @@ def train_refinement(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            log.append({"step": step, "loss": running / (log_every if step % log_every == 0 else step % log_every)})
-            running = 0.0
+        log.add(step, loss.item())
     net.eval()
-    return log
+    return log.entries
 
 
 def train(
@@ -276,28 +251,28 @@ def train(
 
     ``refine_px``: side of the stage-2 composites (1024 as the paper; smaller only to test the code).
     """
-    dev = _device()
+    dev = device()
     t0 = time.perf_counter()
     s1, s2, gl = load_pack(pack, "stage1"), load_pack(pack, "stage2"), load_pack(pack, "glass")
-    x1 = _to_tensor(s1.decode(), dev)
+    x1 = to_tensor(s1.decode(), dev)
     y1 = torch.from_numpy(s1.labels).to(dev)
     clf = PatchClassifier().to(dev)
     log1 = train_classifier(clf, x1, y1, steps1, batch1, 1e-3, seed)
     t1 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, out / "patches.pt")
-    x2 = _to_tensor(s2.decode(), dev)
+    save_state(clf, out / "patches.pt")
+    x2 = to_tensor(s2.decode(), dev)
     y2 = torch.from_numpy(s2.labels).to(dev)
-    g = _to_tensor(gl.decode(), dev)
+    g = to_tensor(gl.decode(), dev)
     prob2 = predict_tumour(clf, x2)
     source = CompositeSource(x2[y2 == 1], x2[y2 == 0], g, prob2[y2 == 1], prob2[y2 == 0], out_px=refine_px)
     unet = RefinementUNet().to(dev)
     log2 = train_refinement(unet, source, steps2, batch2, 1e-3, seed + 1)
     t2 = time.perf_counter()
-    torch.save({k: v.cpu() for k, v in unet.state_dict().items()}, out / "refine.pt")
+    save_state(unet, out / "refine.pt")
     acc2 = float(((prob2 >= 0.5).long() == y2).float().mean())
     summary: dict[str, object] = {
-        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "device": device_name(dev),
         "torch": torch.__version__,
         "seed": seed,
         "stage1": {

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.train import composites, stains
+from zoo.train.common import LossLog, count_parameters, device, device_name, save_state, to_tensor
 from zoo.train.pcam import PATCH_PX, load_pack
 
 CLASSES = ("Background", "Tissue", "Tumour", "Exclude")
@@ -150,12 +151,10 @@ def median_frequency_weights(labels: torch.Tensor, n_classes: int = len(CLASSES)
 
 def load_sources(pack: Path, device: torch.device) -> CanvasSource:
     """Pools from a pack written by ``python -m zoo.train.multiclass_data``."""
-    from zoo.train.h2g import _to_tensor
-
     s1, gl = load_pack(pack, "stage1"), load_pack(pack, "glass")
-    x = _to_tensor(s1.decode(), device)
+    x = to_tensor(s1.decode(), device)
     y = torch.from_numpy(s1.labels).to(device)
-    g = _to_tensor(gl.decode(), device)
+    g = to_tensor(gl.decode(), device)
     arts = []
     with np.load(pack) as z:
         for n in ARTEFACTS:
@@ -187,7 +186,7 @@ def train_segmenter(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     net.train()
     amp = dev.type == "cuda"
-    log, running, t0 = [], 0.0, time.perf_counter()
+    log, t0 = LossLog(steps, log_every, digits=4), time.perf_counter()
     img = label = None
     for step in range(1, steps + 1):
         if img is None or step % 4 == 1:
@@ -215,12 +214,7 @@ def train_segmenter(
         loss.backward()
         opt.step()
         sched.step()
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            log.append(
-                {"step": step, "loss": round(running / (log_every if step % log_every == 0 else step % log_every), 4)}
-            )
-            running = 0.0
+        log.add(step, loss.item())
     net.eval()
     return {
         "steps": steps,
@@ -230,7 +224,7 @@ def train_segmenter(
         "optimiser": f"SGD momentum 0.9, lr {lr} cosine",
         "class_weights_median_frequency": [round(float(w), 4) for w in weights],
         "seconds": round(time.perf_counter() - t0, 1),
-        "loss_log": log,
+        "loss_log": log.entries,
     }
 
 
@@ -239,17 +233,15 @@ def train_models(
 ) -> dict[str, object]:
     """Train each (name, net, context factor) on the pack's composites with :func:`train_segmenter`;
     save ``<name>.pt`` and a ``train.json`` after each."""
-    from zoo.train.h2g import _device, count_parameters
-
-    dev = _device()
+    dev = device()
     source = load_sources(pack, dev)
-    summary: dict[str, object] = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
+    summary: dict[str, object] = {"device": device_name(dev)}
     out.mkdir(parents=True, exist_ok=True)
     for name, net, ctx in models:
         net = net.to(dev)
         s = train_segmenter(net, source, steps, batch, size, seed, context=ctx)
         s["parameters"] = count_parameters(net)
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / f"{name}.pt")
+        save_state(net, out / f"{name}.pt")
         summary[name] = s
         (out / "train.json").write_text(json.dumps(summary, indent=1))
     return summary

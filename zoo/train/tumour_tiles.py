@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo.train.h2g import _device, _to_tensor, count_parameters, train_classifier
+from zoo.train.common import count_parameters, device, device_name, save_state, to_tensor
+from zoo.train.h2g import train_classifier
 from zoo.train.pcam import image_entropy, load_pack, read_pcam
 
 
@@ -62,17 +63,17 @@ def learn_rails(zip_path: Path) -> dict[str, float]:
 
 
 def train(pack: Path, out: Path, steps: int, batch: int, seed: int) -> dict[str, object]:
-    dev = _device()
+    dev = device()
     t0 = time.perf_counter()
     s1 = load_pack(pack, "stage1")
-    x = _to_tensor(s1.decode(), dev)
+    x = to_tensor(s1.decode(), dev)
     y = torch.from_numpy(s1.labels).to(dev)
     net = TileCNN().to(dev)
     log = train_classifier(net, x, y, steps, batch, 1e-4, seed, colour_aug=False, cosine=False, log_every=1000)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / "tiles.pt")
+    save_state(net, out / "tiles.pt")
     summary: dict[str, object] = {
-        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "device": device_name(dev),
         "torch": torch.__version__,
         "seed": seed,
         "parameters": count_parameters(net),
