@@ -73,6 +73,40 @@ def patch_metrics(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
     }
 
 
+def precision_agreement(images: np.ndarray) -> dict[str, dict[str, object]]:
+    """Per patch classifier, engine and precision the runner offers: ms per patch (batches of 64) and how
+    many PCam valid labels agree with ONNX Runtime fp32 (the registry asks >= 0.999 of a precision)."""
+    from zoo.registry import load_registry
+    from zoo.runner import OnnxModel, engine_unavailable
+
+    reg = load_registry()
+    out: dict[str, dict[str, object]] = {}
+    for name in ("tumour-tiles", "tumour-h2g"):
+        entry = reg.get(name)
+        ref: np.ndarray | None = None
+        for engine, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")):
+            key = f"{name} {engine} {precision}"
+            why = engine_unavailable(engine, precision)
+            if why:
+                out[key] = {"skipped": why}
+                continue
+            model = OnnxModel(
+                reg.resolve(entry.weights.uri), entry, ["CPUExecutionProvider"], 2, None, engine, precision
+            )
+            x = model.preprocess(images)
+            model.predict(x[:64])  # warm-up
+            t = time.perf_counter()
+            p = np.concatenate([model.predict(x[i : i + 64])[:, 1, 0, 0] for i in range(0, len(x), 64)])
+            ms = 1000 * (time.perf_counter() - t) / len(x)
+            ref = p if ref is None else ref
+            out[key] = {
+                "ms_per_patch": round(ms, 3),
+                "labels_agreeing_with_onnxruntime_fp32": round(float(((p >= 0.5) == (ref >= 0.5)).mean()), 5),
+                "max_abs_probability_difference": round(float(np.abs(p - ref).max()), 5),
+            }
+    return out
+
+
 def seg_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
     return {
@@ -121,6 +155,7 @@ def main() -> int:
         "stage1_patch_metrics_pcam_valid": patch_metrics(p_h2g, labels),
         "stage1_ms_per_patch_onnxruntime_2_threads": round(1000 * t_h2g / len(images), 3),
     }
+    res["precisions_pcam_valid"] = precision_agreement(images)
 
     # torch vs ONNX on real patches
     if (a.state / "h2g/patches.pt").exists():
