@@ -43,8 +43,9 @@ def _tissue_at(x0: np.ndarray, y0: np.ndarray, side: int) -> np.ndarray:
     return inside
 
 
-def make_slide(path: Path, side: int) -> Path:
-    """An Aperio-layout pyramid of ``side``² px built from repeated pre-encoded JPEG tiles."""
+def make_slide(path: Path, side: int, dense: bool = False) -> Path:
+    """An Aperio-layout pyramid of ``side``² px built from repeated pre-encoded JPEG tiles
+    (``dense``: tissue everywhere, the worst case for throughput; else the sparse ellipses)."""
     import imagecodecs
     import tifffile
 
@@ -70,9 +71,9 @@ def make_slide(path: Path, side: int) -> Path:
             def tiles(ds: int = ds, nx: int = nx, ny: int = ny) -> Iterator[bytes]:
                 for ty in range(ny):
                     cx = (np.arange(nx) + 0.5) * TILE * ds
-                    inside = _tissue_at(cx, np.full(nx, (ty + 0.5) * TILE * ds), side)
+                    inside = dense or _tissue_at(cx, np.full(nx, (ty + 0.5) * TILE * ds), side)
                     for tx in range(nx):
-                        yield tissue_tiles[(tx + ty) % len(tissue_tiles)] if inside[tx] else glass
+                        yield tissue_tiles[(tx + ty) % len(tissue_tiles)] if dense or inside[tx] else glass
 
             px_per_cm = 1e4 / (MPP0 * ds)
             head = f"Aperio Image Library v12.0.0 \r\n{side}x{side} ({TILE}x{TILE}) JPEG/RGB Q=85"
@@ -93,7 +94,8 @@ def make_slide(path: Path, side: int) -> Path:
             if ds == 1:  # Aperio layout: a small stripped thumbnail is the second page
                 f = -(-side // 768)
                 ys = np.arange(0, side, f)
-                th = np.where(_tissue_at(ys[None, :], ys[:, None], side)[..., None], 200, 242).astype(np.uint8)
+                where = dense or _tissue_at(ys[None, :], ys[:, None], side)[..., None]
+                th = np.where(where, np.uint8(200), np.uint8(242)) * np.ones((len(ys), len(ys), 1), np.uint8)
                 tif.write(
                     np.repeat(th, 3, axis=2),
                     photometric="rgb",

@@ -53,6 +53,7 @@ def child_zoo(
     engine: str = "onnxruntime",
     precision: str = "fp32",
     mode_arg: str = "",
+    readers: str = "1",
 ) -> dict[str, Any]:
     from zoo.registry import load_registry, verified_weights
     from zoo.runner import OnnxModel, RunOptions, plan_tiles, predict_slide
@@ -64,7 +65,8 @@ def child_zoo(
         if mode == "zoo":
             m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision)
             t = time.perf_counter()
-            pred = predict_slide(s, m, RunOptions(target_mpp=mpp, progress=False, batch_size=batch))
+            opts = RunOptions(target_mpp=mpp, progress=False, batch_size=batch, reader_threads=int(readers))
+            pred = predict_slide(s, m, opts)
             secs = time.perf_counter() - t
             tissue_px0 = float(pred.mask.class_counts()[1:].sum()) * pred.downsample**2
             if mode_arg:  # the label mask, for Dice against fp32 in the parent
@@ -135,6 +137,22 @@ def sgemm_gflops(size: int = 2048, repeats: int = 8) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
+def bf16_gemm_gflops(size: int = 2048, repeats: int = 8) -> float | None:
+    """This machine's bf16 matrix-multiply rate (torch/oneDNN on the CPU, all cores), GFLOP/s; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.randn(size, size).to(torch.bfloat16)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
 def run_child(*args: str) -> dict[str, Any]:
     r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
     if r.returncode != 0:
@@ -187,6 +205,7 @@ def main() -> int:
         help="ENGINE:PRECISION pairs to run the runner with (Dice of each label mask against the first)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs of the runner per pair (min and median reported)")
+    ap.add_argument("--reader-threads", type=int, default=1, help="the runner's tile reader threads")
     ap.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_runner.json", help="JSON results"
     )
@@ -215,6 +234,7 @@ def main() -> int:
     entry = reg.get(a.model)
     gflop_tile = onnx_gflop_per_tile(verified_weights(entry, reg), entry.input.patch_size_px)
     peak = sgemm_gflops()
+    peaks = {"fp32": peak, "bf16": bf16_gemm_gflops()}
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="bench-runner-"))
     for mpp in a.mpp:
@@ -224,7 +244,17 @@ def main() -> int:
         for engine, precision in pairs:
             mask_file = scratch / f"{engine}-{precision}-{mpp}.npy"
             runs = [
-                run_child(str(slide), a.model, str(mpp), "zoo", str(a.batch_size), engine, precision, str(mask_file))
+                run_child(
+                    str(slide),
+                    a.model,
+                    str(mpp),
+                    "zoo",
+                    str(a.batch_size),
+                    engine,
+                    precision,
+                    str(mask_file),
+                    str(a.reader_threads),
+                )
                 for _ in range(max(1, a.repeat))
             ]
             secs = [r["seconds"] for r in runs]
@@ -236,21 +266,23 @@ def main() -> int:
             infer = run_child(
                 str(slide), a.model, str(mpp), "infer", str(a.batch_size), engine, precision, str(zoo["tiles"])
             )
-            rows.append(_row(slide, mpp, engine, precision, zoo, floor, infer, fast, gflop_tile, peak, dice_vs_first))
+            rate = peaks.get(precision) or peak
+            rows.append(_row(slide, mpp, engine, precision, zoo, floor, infer, fast, gflop_tile, rate, dice_vs_first))
             print(json.dumps(rows[-1]), file=sys.stderr)
     a.out.write_text(json.dumps(rows, indent=1))
     providers = sorted({p for r in rows for p in r["zoo"]["providers"]})
     load = os.getloadavg()
     print(
         f"slide: {slide.name}; model: {a.model} ({gflop_tile:.2f} GFLOP per tile); CPU cores: {os.cpu_count()}; "
-        f"providers: {providers}; machine sgemm: {peak:.0f} GFLOP/s; load average {load[0]:.2f} {load[1]:.2f} "
+        f"providers: {providers}; machine matrix multiply: fp32 {peak:.0f} GFLOP/s (numpy), bf16 "
+        f"{peaks['bf16'] or 0:.0f} GFLOP/s (torch); load average {load[0]:.2f} {load[1]:.2f} "
         f"{load[2]:.2f}; runner runs per row: {max(1, a.repeat)} (min, median)"
     )
     print(
         "| µm/px | engine | tiles | zoo s (min) | zoo s (median) | tiles/s | zoo RSS MB | floor s | zoo/floor | "
-        "infer s | infer GFLOP/s | zoo/(floor+infer) | FAST s | zoo/FAST | Dice vs first |"
+        "infer s | infer GFLOP/s | of matmul rate | zoo/(floor+infer) | FAST s | zoo/FAST | Dice vs first |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r["fast"]
         fs = f"{f['seconds']:.2f}" if "seconds" in f else "n/a"
@@ -259,7 +291,8 @@ def main() -> int:
             f"| {r['mpp']:g} | {r['engine']} {r['precision']} | {r['zoo']['tiles']} | {r['zoo']['seconds']:.2f} | "
             f"{r['zoo']['seconds_median']:.2f} | {r['zoo_tiles_per_s']:.1f} | {r['zoo']['peak_rss_mb']:.0f} | "
             f"{r['floor']['seconds']:.2f} | {r['zoo_over_floor']:.2f} | {r['infer']['seconds']:.2f} | "
-            f"{r['infer_gflops']:.0f} | {r['zoo_over_floor_plus_infer']:.2f} | {fs} | {ratio} | "
+            f"{r['infer_gflops']:.0f} | {r['infer_gflops'] / r['matmul_gflops']:.0%} | "
+            f"{r['zoo_over_floor_plus_infer']:.2f} | {fs} | {ratio} | "
             f"{r['dice_vs_first']:.5f} |"
         )
     print("\nWhere the runner's time goes (first run of each row; the reader thread overlaps the rest):")
@@ -296,7 +329,7 @@ def _row(
         "infer": infer,
         "fast": fast,
         "gflop_per_tile": gflop_tile,
-        "sgemm_gflops": peak,
+        "matmul_gflops": peak,  # for this row's precision
         "infer_gflops": gflop_tile * infer["tiles"] / infer["seconds"],
         "zoo_over_floor_plus_infer": zoo["seconds"] / (floor["seconds"] + infer["seconds"]),
         "zoo_tiles_per_s": zoo["tiles"] / zoo["seconds"],

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import FplError, GeoJSONError, OutputError, ZooError
+from zoo.errors import FplError, GeoJSONError, OutputError, ProviderError, ZooError
 
 EPILOG = "Models: `zoo list`. Results of `zoo run` go to OUT/<slide name>/ (mask.tiff, annotations.geojson, run.json)."
 
@@ -133,8 +133,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int_at_least(0), default=0, help="CPU inference threads (0: one per core)")
     p.add_argument(
+        "--reader-threads",
+        type=int_at_least(1),
+        default=1,
+        help="threads reading and decoding tiles ahead of inference (a GPU needs several to be fed)",
+    )
+    p.add_argument(
         "--engine",
-        choices=["auto", "onnxruntime", "openvino"],
+        choices=["auto", "onnxruntime", "openvino", "torch"],
         default="auto",
         help="inference engine; auto picks the fastest the model's entry allows here that passes its check",
     )
@@ -178,7 +184,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--device",
         type=int_at_least(0),
         default=None,
-        help="GPU index for the CUDA provider (needs onnxruntime-gpu: pip install '.[gpu]')",
+        help="GPU index for --engine torch (pip install '.[torch]' with a CUDA build of torch) or onnxruntime's "
+        "CUDA provider (pip install '.[gpu]')",
     )
     p.add_argument(
         "--json", action="store_true", help="print per-slide results as JSON on stdout (and nothing else there)"
@@ -486,9 +493,19 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         return 1
     if args.providers:
         check_providers(args.providers)
-    if args.device is not None:
+    if args.device is not None and args.engine == "onnxruntime":
         check_providers(["CUDAExecutionProvider"])
     verified_model_files(entry, reg)  # a tampered model fails once, before any output
+    from zoo.verify import gpu_engines, select_engine
+
+    gpu = gpu_engines(entry, args.engine, args.providers, args.device)
+    if args.device is not None and not gpu:  # never a silent fall-back to the CPU
+        raise ProviderError(
+            f"--device {args.device}: no engine here runs {entry.id} on a GPU (onnxruntime has no CUDA provider, "
+            "and torch sees no CUDA GPU or is not allowed by the entry); to get one: pip install '.[gpu]' "
+            "(onnxruntime-gpu), or a CUDA build of torch with --engine torch"
+        )
+    select_engine(entry, reg, args.engine, args.precision, gpu=gpu)  # an impossible request fails here, once
     check_writable(args.out)  # before any inference
     try:
         con = Console(args.quiet, args.json, args.log)
@@ -502,6 +519,7 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         providers=args.providers,
         threads=args.threads,
+        reader_threads=args.reader_threads,
         skip_background=args.skip_background,
         progress=args.progress and not args.quiet and sys.stderr.isatty(),
         device=args.device,
@@ -521,11 +539,6 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         engine=args.engine,
         precision=args.precision,
     )
-    from zoo.runner import default_providers
-    from zoo.verify import select_engine
-
-    gpu = args.device is not None or "CUDAExecutionProvider" in (args.providers or default_providers())
-    select_engine(entry, reg, args.engine, args.precision, gpu=gpu)  # an impossible request fails here, once
 
     def report(k: int, r: JobResult) -> None:  # one line per slide, as it finishes
         where = f"[{k + 1}/{len(paths)}]"

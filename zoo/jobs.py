@@ -439,19 +439,20 @@ def _run_locked(
     from zoo.labelmask import UNKNOWN_LABEL
     from zoo.outputs import current_umask, write_json, write_mask_tiff
     from zoo.pictures import render_overview, sample_mask
-    from zoo.runner import OnnxModel, default_providers
+    from zoo.runner import OnnxModel
     from zoo.slide import thumbnail
-    from zoo.verify import select_engine
+    from zoo.verify import EngineChoice, gpu_engines, select_engine
 
     networks = entry.networks()
     stage_files = {name: verified_model_files(view, reg) for name, view in networks}
     files = [p for name, _ in networks for p in stage_files[name]]
-    gpu = cfg.run.device is not None or "CUDAExecutionProvider" in (cfg.run.providers or default_providers())
-    engine = select_engine(entry, reg, cfg.engine, cfg.precision, gpu=gpu)
-    stage_engines = {
-        name: engine if view is entry else select_engine(view, reg, cfg.engine, "auto", gpu=gpu)
-        for name, view in networks
-    }
+
+    def choose(view: ModelEntry, precision: str) -> EngineChoice:
+        gpu = gpu_engines(view, cfg.engine, cfg.run.providers, cfg.run.device)
+        return select_engine(view, reg, cfg.engine, precision, gpu=gpu)
+
+    engine = choose(entry, cfg.precision)
+    stage_engines = {name: engine if view is entry else choose(view, "auto") for name, view in networks}
     identity = slide_identity(slide_path)
     t0 = time.perf_counter()
     with open_slide(slide_path, backend=cfg.backend, on_bad_tile=cfg.on_bad_tile) as slide:  # type: ignore[arg-type]

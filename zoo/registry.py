@@ -116,7 +116,7 @@ class WeightsSpec(_Strict):
         return v
 
 
-Engine = Literal["onnxruntime", "openvino"]
+Engine = Literal["onnxruntime", "openvino", "torch"]
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 
 

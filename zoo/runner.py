@@ -1,10 +1,11 @@
 """Run a registered ONNX model over a slide, streaming, in bounded memory.
 
-The only module that imports onnxruntime. Steps: choose the level (and an extra
+The only module that imports inference engines (onnxruntime; OpenVINO and torch, through
+:mod:`zoo.onnx_torch`, when asked for). Steps: choose the level (and an extra
 integer downsampling) for the model's µm/px; a thumbnail pre-mask skips glass
-before any full-resolution read; overlapping tiles are read and normalised in a
-prefetch thread while ONNX Runtime runs batches; probabilities are averaged in
-the overlaps inside a band one tile high that slides down the slide, and rows
+before any full-resolution read; overlapping tiles are read and normalised on
+reader threads (``reader_threads``; batches are consumed in order) while the engine runs
+batches; probabilities are averaged in the overlaps inside a band one tile high that slides down the slide, and rows
 that no later tile touches are thresholded into the label mask. Peak memory is the
 band plus the prefetch queue plus the slide reader's tile cache: the label mask
 goes to a scratch file once it is large (:class:`zoo.labelmask.LabelMask`), with
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import sys
-import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,10 @@ class RunOptions:
         threads: intra-op threads for the CPU provider (0: one per core).
         skip_background: skip tiles whose footprint has no tissue in the thumbnail pre-mask.
         prefetch_batches: batches read ahead of inference.
+        reader_threads: threads reading, decoding and normalising tiles (a GPU needs several to be fed).
         progress: show a progress bar on stderr.
         progress_label: the bar's label (default: the slide's file name).
-        device: GPU index for the CUDA provider (None: the default GPU, or the CPU without one).
+        device: GPU index for the CUDA provider or the torch engine (None: the default GPU, or the CPU without one).
         scratch_dir: where a large label mask is memory-mapped (default: system temp).
     """
 
@@ -73,6 +75,7 @@ class RunOptions:
     threads: int = 0
     skip_background: bool = True
     prefetch_batches: int = 4
+    reader_threads: int = 1
     progress: bool = True
     progress_label: str | None = None
     device: int | None = None
@@ -168,15 +171,41 @@ PRECISION_CPU_FLAGS = {
 }
 
 
-def engine_unavailable(engine: str, precision: str = "fp32") -> str | None:
+def nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver is loaded (checked without importing torch or CUDA libraries)."""
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def torch_device(device: int | None = None) -> str:
+    """The device the torch engine runs on: ``cuda:N`` when torch sees a CUDA GPU, else ``cpu``."""
+    if not nvidia_driver_present():
+        return "cpu"
+    import torch
+
+    return f"cuda:{device or 0}" if torch.cuda.is_available() else "cpu"
+
+
+def engine_unavailable(engine: str, precision: str = "fp32", device: int | None = None) -> str | None:
     """Why ``engine`` cannot run ``precision`` on this machine, or None when it can."""
     if engine == "openvino":
         try:
             import openvino  # noqa: F401
         except ImportError:
             return "OpenVINO is not installed (pip install '.[openvino]')"
+    elif engine == "torch":
+        try:
+            import torch
+        except ImportError:
+            return "torch is not installed (pip install '.[torch]')"
+        where = torch_device(device)
+        if where.startswith("cuda"):
+            if precision == "bf16" and not torch.cuda.is_bf16_supported():
+                return f"this GPU ({torch.cuda.get_device_name(where)}) has no bf16 arithmetic"
+            return None if precision in ("fp32", "fp16", "bf16") else f"the torch engine does not run {precision}"
+        if precision not in ("fp32", "bf16"):
+            return f"the torch engine runs {precision} on CUDA GPUs only, and none is present"
     elif engine != "onnxruntime":
-        return f"unknown engine {engine!r} (onnxruntime or openvino)"
+        return f"unknown engine {engine!r} (onnxruntime, openvino or torch)"
     elif precision != "fp32":
         return f"the onnxruntime engine runs the registered model in fp32 only, not {precision}"
     flags = PRECISION_CPU_FLAGS.get(precision)
@@ -189,7 +218,7 @@ _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
 class OnnxModel:
-    """A registered ONNX model, run by ONNX Runtime or OpenVINO at a given precision, checked against its entry.
+    """A registered ONNX model, run by ONNX Runtime, OpenVINO or torch at a given precision, checked against its entry.
 
     OpenVINO is always given its precision explicitly (left to itself it picks bf16 on CPUs that
     have it); ONNX Runtime runs the model as exported (fp32).
@@ -210,6 +239,9 @@ class OnnxModel:
         self.engine, self.precision = engine, precision
         if engine == "openvino":
             self._init_openvino(path, threads, precision)
+            return
+        if engine == "torch":
+            self._init_torch(path, threads, device, precision)
             return
         if precision != "fp32":
             raise ProviderError(
@@ -299,9 +331,65 @@ class OnnxModel:
         self._raw = lambda x: request.infer({in_name: x})[out_port]
         self._feeds = lambda feeds: request.infer(feeds)[out_port]
 
+    def _init_torch(self, path: Path, threads: int, device: int | None, precision: str) -> None:
+        """Load the ONNX file as a torch module (:mod:`zoo.onnx_torch`) on the GPU if torch sees one, else the CPU.
+
+        fp32 is true fp32 (TF32 off); fp16/bf16 run under autocast, which keeps normalisations in fp32.
+        """
+        reason = engine_unavailable("torch", precision, device)
+        if reason:
+            raise ProviderError(f"{self.entry.id}: cannot run on torch at {precision}: {reason}")
+        import torch
+
+        from zoo.onnx_torch import load_graph
+
+        where = torch_device(device)
+        graph = load_graph(str(path), f"{path} ({self.entry.id})")
+        spec_in, spec_out = self.entry.input, self.entry.output
+        if spec_in.input_name not in graph.input_names or spec_out.output_name not in graph.output_names:
+            raise ModelInputError(
+                f"{path}: {self.entry.id} has inputs {graph.input_names} and outputs {graph.output_names}; fix "
+                "input.input_name/output.output_name"
+            )
+        dev = torch.device(where)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # tiles have one size: let cuDNN pick its fastest kernels once
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+            name = torch.cuda.get_device_name(dev)
+        else:
+            torch.set_num_threads(threads or (os.cpu_count() or 1))
+            name = "CPU"
+        graph = graph.to(dev)
+        out_index = graph.output_names.index(spec_out.output_name)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+        def run(*arrays: np.ndarray) -> np.ndarray:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+                ins = [torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True) for a in arrays]
+                out = graph(*ins)[out_index]
+                return np.asarray(out.float().cpu().numpy())
+
+        self.providers = [f"torch {where} ({name}) {precision}"]
+        self.fixed_batch = None
+        self._raw = run
+        self._feeds = lambda feeds: run(*(feeds[n] for n in graph.input_names))
+
     def preprocess(self, tiles: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 RGB to the network's input array."""
+        """(N, H, W, 3) uint8 RGB to the network's input array.
+
+        RGB/BGR uint8 tiles go through a 256-entry float32 table per channel (the same float32
+        arithmetic, done once per grey level: about 5x faster than on every pixel).
+        """
         spec = self.entry.input
+        if tiles.dtype == np.uint8 and spec.channel_order in ("RGB", "BGR") and tiles.shape[-1] == 3:
+            lut = self._lut()
+            src = [2, 1, 0] if spec.channel_order == "BGR" else [0, 1, 2]
+            n, h, w = tiles.shape[:3]
+            nchw = spec.layout == "NCHW"
+            out = np.empty((n, 3, h, w) if nchw else (n, h, w, 3), np.float32)
+            for c, k in enumerate(src):
+                np.take(lut[c], tiles[..., k], out=out[:, c] if nchw else out[..., c])
+            return out
         x: np.ndarray = tiles.astype(np.float32)
         if spec.channel_order == "BGR":
             x = x[..., ::-1]
@@ -311,6 +399,15 @@ class OnnxModel:
         if spec.layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _lut(self) -> np.ndarray:
+        """(3, 256) float32: the normalised value of each grey level, per network input channel."""
+        if getattr(self, "_lut_cache", None) is None:
+            spec = self.entry.input
+            levels = np.arange(256, dtype=np.float32)[:, None]
+            table = (levels * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+            self._lut_cache = np.ascontiguousarray(table.T, dtype=np.float32)
+        return self._lut_cache
 
     def raw(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """The network's raw output for one input array, or for ``{input name: array}`` (several inputs)."""
@@ -501,58 +598,52 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         for c in entry.context_inputs
     ]
     bs = max(1, opts.batch_size)
-    batches = [jobs[k : k + bs] for k in range(0, len(jobs), bs)]
-    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.prefetch_batches))
-    stop = threading.Event()
-    read_s = [0.0]
+    batches = iter([jobs[k : k + bs] for k in range(0, len(jobs), bs)])
+    n_readers = max(1, opts.reader_threads)
+    ahead = max(1, opts.prefetch_batches) + n_readers - 1
     split = {"read_decode": 0.0, "resample": 0.0, "normalise": 0.0}
 
-    def producer() -> None:
-        try:
-            for b in batches:
-                if stop.is_set():
-                    return
-                t_a = time.perf_counter()
-                regions = [level_region(slide, choice, xs[i], ys[j], pw, ph) for j, i in b]
-                t_b = time.perf_counter()
-                tiles = np.stack([box_reduce(r, choice.factor) for r in regions])
-                t_c = time.perf_counter()
-                x: Any = model.preprocess(tiles)
-                if contexts:  # multi-input models: centred context tiles, one ONNX input each
-                    x = {entry.input.input_name: x}
-                    for spec, ctx_choice in contexts:
-                        x[spec.input_name] = model.preprocess(
-                            np.stack(
-                                [
-                                    context_tile(slide, choice, ctx_choice, spec, xs[i] + pw / 2, ys[j] + ph / 2)
-                                    for j, i in b
-                                ]
-                            )
-                        )
-                t_d = time.perf_counter()
-                split["read_decode"] += t_b - t_a
-                split["resample"] += t_c - t_b
-                split["normalise"] += t_d - t_c
-                read_s[0] += t_d - t_a
-                q.put((b, x))
-            q.put(None)
-        except BaseException as err:  # hand any reader error to the consumer
-            q.put(err)
+    def read_batch(b: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], Any, tuple[float, float, float]]:
+        """One batch of tiles as the network's input (on a reader thread), with the seconds of each step."""
+        t_a = time.perf_counter()
+        regions = [level_region(slide, choice, xs[i], ys[j], pw, ph) for j, i in b]
+        t_b = time.perf_counter()
+        tiles = np.stack([box_reduce(r, choice.factor) for r in regions])
+        t_c = time.perf_counter()
+        x: Any = model.preprocess(tiles)
+        if contexts:  # multi-input models: centred context tiles, one ONNX input each
+            x = {entry.input.input_name: x}
+            for spec, ctx_choice in contexts:
+                x[spec.input_name] = model.preprocess(
+                    np.stack(
+                        [context_tile(slide, choice, ctx_choice, spec, xs[i] + pw / 2, ys[j] + ph / 2) for j, i in b]
+                    )
+                )
+        return b, x, (t_b - t_a, t_c - t_b, time.perf_counter() - t_c)
 
-    th = threading.Thread(target=producer, name="tile-reader", daemon=True)
-    th.start()
+    # batches are read ahead on ``n_readers`` threads and consumed in order (the band slides down row by row)
+    pool = ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="tile-reader")
+    pending: deque[Future[Any]] = deque()
+
+    def top_up() -> None:
+        while len(pending) < ahead:
+            b = next(batches, None)
+            if b is None:
+                return
+            pending.append(pool.submit(read_batch, b))
+
     infer_s = wait_s = blend_s = flush_s = 0.0
     bar = _progress(len(jobs), opts.progress_label or slide.path.name, opts.progress)
     try:
-        while True:
+        top_up()
+        while pending:
             tw = time.perf_counter()
-            item = q.get()
+            b, batch_in, (t_read, t_resample, t_norm) = pending.popleft().result()
             wait_s += time.perf_counter() - tw
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            b, batch_in = item
+            split["read_decode"] += t_read
+            split["resample"] += t_resample
+            split["normalise"] += t_norm
+            top_up()
             ti = time.perf_counter()
             probs = model.predict(batch_in)
             infer_s += time.perf_counter() - ti
@@ -572,13 +663,11 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         flush(height)
         flush_s += time.perf_counter() - tf
     finally:
-        stop.set()
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-        while th.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                th.join(timeout=0.05)
+    read_s = sum(split.values())
     elapsed = time.perf_counter() - t0
     stats = {
         "tiles_total": len(xs) * len(ys),
@@ -589,18 +678,18 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
         "seconds_total": round(elapsed, 3),
         "seconds_premask": round(plan.premask_s, 3),
         "premask_tissue_fraction": None if plan.premask_fraction is None else round(plan.premask_fraction, 5),
-        "seconds_read_in_thread": round(read_s[0], 3),
+        "seconds_read_in_thread": round(read_s, 3),
         "seconds_inference": round(infer_s, 3),
-        # where the time goes: the reader thread's parts overlap the consumer's (same 2 cores)
+        # where the time goes: the reader threads' parts (summed over threads) overlap the consumer's
         "seconds_breakdown": {
             "premask": round(plan.premask_s, 3),
-            "read_decode (thread)": round(split["read_decode"], 3),
-            "resample (thread)": round(split["resample"], 3),
-            "normalise (thread)": round(split["normalise"], 3),
+            "read_decode (threads)": round(split["read_decode"], 3),
+            "resample (threads)": round(split["resample"], 3),
+            "normalise (threads)": round(split["normalise"], 3),
             "inference": round(infer_s, 3),
             "blend": round(blend_s, 3),
             "threshold_write": round(flush_s, 3),
-            "waiting_for_reader": round(wait_s, 3),
+            "waiting_for_readers": round(wait_s, 3),
         },
         "bad_tiles": list(slide.bad_tiles),
     }

@@ -249,12 +249,15 @@ class TiffSlide(Slide):
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            try:
-                seg = lv.decode(index, self._tif.filehandle)
-            except BadTileError as err:
-                if self.on_bad_tile != "skip":
-                    raise
-                ds = self.level_downsamples[level]
+            raw = lv.read(index, self._tif.filehandle)  # one shared file handle: seek + read under the lock
+        try:
+            # outside the lock: the decoders release the GIL, so reader threads decode in parallel
+            seg = None if raw is None else lv.decode(raw, index)
+        except BadTileError as err:
+            if self.on_bad_tile != "skip":
+                raise
+            ds = self.level_downsamples[level]
+            with self._lock:
                 self.bad_tiles.append(
                     {
                         "level": level,
@@ -268,13 +271,15 @@ class TiffSlide(Slide):
                         "error": err.reason,
                     }
                 )
-                seg = None
-            self._cache[key] = seg
-            self._cache_bytes += 0 if seg is None else seg.nbytes
-            while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= 0 if old is None else old.nbytes
-            return seg
+            seg = None
+        with self._lock:
+            if key not in self._cache:  # another reader thread may have decoded it meanwhile
+                self._cache[key] = seg
+                self._cache_bytes += 0 if seg is None else seg.nbytes
+                while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= 0 if old is None else old.nbytes
+        return seg
 
     def close(self) -> None:
         self._cache.clear()
@@ -324,13 +329,21 @@ class _TiffLevel:
         self._decode_tiff = page.decode
         self._jpeg_check = False  # decode JPEG with both decoders when they disagree on this file
 
-    def decode(self, index: int, fh: Any) -> np.ndarray | None:
-        """Tile ``index`` as (h, w, 3) uint8 RGB, or None if the file has no data for it (sparse)."""
+    def read(self, index: int, fh: Any) -> tuple[bytes, int] | None:
+        """The stored bytes of tile ``index`` and the byte count the header promises; None if sparse."""
         off, count = int(self.page.dataoffsets[index]), int(self.page.databytecounts[index])
         if count == 0 or off == 0:
             return None
         fh.seek(off)
-        raw = fh.read(count)
+        return fh.read(count), count
+
+    def decode(self, stored: tuple[bytes, int], index: int) -> np.ndarray:
+        """Tile ``index``'s bytes (from :meth:`read`) as (h, w, 3) uint8 RGB.
+
+        Raises:
+            BadTileError: naming the tile, when its bytes are missing or cannot be decoded.
+        """
+        raw, count = stored
         row, col = divmod(index, self.n_across)
         try:
             if len(raw) != count:
@@ -392,6 +405,7 @@ class _TiffLevel:
         if self.photometric == 0:  # min-is-white
             rgb = 255 - rgb
         return rgb
+
 
 def _to_rgb8(region: np.ndarray) -> np.ndarray:
     """Grey, grey+alpha, RGB or RGBA of any integer/float dtype to RGB uint8 (transparent is white)."""

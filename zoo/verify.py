@@ -23,6 +23,10 @@ from zoo.registry import ModelEntry, Registry, verified_weights
 #: (``--engines onnxruntime:fp32 openvino:fp32``).
 CPU_PREFERENCE = [("openvino", "bf16"), ("openvino", "fp16"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
 
+#: Expected speed order on a CUDA GPU (fastest first), measured with ``benchmarks/bench_runner.py --engines``
+#: on an H100; ONNX Runtime runs there only with onnxruntime-gpu installed.
+GPU_PREFERENCE = [("torch", "fp16"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("torch", "fp32")]
+
 _CHECKED: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
 
@@ -148,19 +152,40 @@ class EngineChoice:
     considered: list[dict[str, Any]] = field(default_factory=list)
 
 
+def gpu_engines(
+    entry: ModelEntry, engine: str = "auto", providers: list[str] | None = None, device: int | None = None
+) -> set[str]:
+    """The engines that would run ``entry`` on a GPU here: ONNX Runtime with its CUDA provider, and torch
+    when it sees a CUDA GPU (checked only when the entry allows torch, and without importing it on machines
+    with no NVIDIA driver)."""
+    from zoo.runner import default_providers, nvidia_driver_present, torch_device
+
+    out = set()
+    if engine in ("auto", "onnxruntime") and "CUDAExecutionProvider" in (providers or default_providers()):
+        out.add("onnxruntime")
+    allows_torch = any("torch" in spec.engines for spec in entry.precisions.values())
+    if engine in ("auto", "torch") and allows_torch and nvidia_driver_present():
+        try:
+            if torch_device(device) != "cpu":
+                out.add("torch")
+        except ImportError:
+            pass
+    return out
+
+
 def select_engine(
     entry: ModelEntry,
     registry: Registry,
     engine: str = "auto",
     precision: str = "auto",
-    gpu: bool = False,
+    gpu: set[str] | None = None,
 ) -> EngineChoice:
     """The (engine, precision) to run ``entry`` with.
 
-    ``auto`` takes, among the combinations the entry allows and this machine runs, the fastest
-    (``CPU_PREFERENCE``; on a GPU, fp32 on ONNX Runtime's CUDA provider) that passes its check.
-    An explicit engine or precision that the entry does not allow, the machine cannot run, or that
-    fails its check is an error.
+    ``auto`` takes, among the combinations the entry allows and this machine runs, the fastest that passes
+    its check: on a GPU (``gpu``: the engines that run on one here, see :func:`gpu_engines`) in
+    ``GPU_PREFERENCE`` order among those engines, else in ``CPU_PREFERENCE`` order. An explicit engine or
+    precision that the entry does not allow, the machine cannot run, or that fails its check is an error.
 
     Raises:
         ProviderError: no allowed combination can run, or an explicit one fails.
@@ -173,12 +198,13 @@ def select_engine(
             f"{entry.id}: --engine {engine} --precision {precision} is not allowed by its registry entry "
             f"(allowed: {offer}); pick one of those or auto"
         )
-    order = [("onnxruntime", "fp32")] if gpu else CPU_PREFERENCE
+    on_gpu = [ep for ep in wanted if ep[0] in (gpu or set())]
+    order = GPU_PREFERENCE if on_gpu else CPU_PREFERENCE
     wanted.sort(key=lambda ep: order.index(ep) if ep in order else len(order))
     considered = []
     for e, p in wanted:
-        if gpu and (e, p) != ("onnxruntime", "fp32"):
-            considered.append({"engine": e, "precision": p, "skipped": "a GPU is used: fp32 on its CUDA provider"})
+        if on_gpu and (e, p) not in on_gpu:
+            considered.append({"engine": e, "precision": p, "skipped": "a GPU is used: the engines that run on it"})
             continue
         res = check_precision(entry, registry, e, p)
         considered.append(res)

@@ -15,9 +15,11 @@ from zoo.runner import cpu_flags, engine_unavailable
 from zoo.verify import check_precision, select_engine
 
 OPENVINO = engine_unavailable("openvino")
+TORCH = engine_unavailable("torch")
 ENGINES = [
     "onnxruntime",
     pytest.param("openvino", marks=pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))),
+    pytest.param("torch", marks=pytest.mark.skipif(TORCH is not None, reason=str(TORCH))),
 ]
 
 
@@ -46,7 +48,15 @@ def test_verify_reports_every_engine_and_precision() -> None:
     r = run_zoo("verify", "tissue-multires", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     checks = {(c["engine"], c["precision"]): c for c in json.loads(r.stdout)[0]["checks"]}
-    assert set(checks) == {("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16")}
+    assert set(checks) == {
+        ("onnxruntime", "fp32"),
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+        ("openvino", "fp16"),
+        ("torch", "fp32"),
+        ("torch", "bf16"),
+        ("torch", "fp16"),
+    }
     for c in checks.values():
         assert c["ok"] or c.get("skipped"), c  # a check either passes or says why it could not run here
     if "avx512_fp16" not in cpu_flags() and "amx_fp16" not in cpu_flags():
@@ -70,7 +80,7 @@ def test_auto_picks_the_fastest_passing_combination() -> None:
         assert (choice.engine, choice.precision) == ("openvino", "bf16")
     else:
         assert (choice.engine, choice.precision) == ("onnxruntime", "fp32")
-    assert select_engine(entry, reg, gpu=True).precision == "fp32"
+    assert select_engine(entry, reg, gpu={"onnxruntime"}).precision == "fp32"  # ONNX Runtime's CUDA provider: fp32
     peer = reg.get("peer-tissue-unet")  # bf16 measured below its tolerance: not allowed, never chosen
     assert select_engine(peer, reg).precision == "fp32"
     with pytest.raises(ProviderError, match="not allowed by its registry entry"):
@@ -103,3 +113,54 @@ def test_bf16_mask_agrees_with_fp32_on_a_real_slide(tcga_slide: Path, tmp_path: 
         masks[precision] = tifffile.imread(out / tcga_slide.stem / "mask.tiff")
     assert dice(masks["bf16"] == 1, masks["fp32"] == 1) >= 0.999
     assert np.mean(masks["bf16"] != masks["fp32"]) < 0.002
+
+
+@pytest.mark.skipif(TORCH is not None, reason=str(TORCH))
+def test_torch_engine_runs_every_registered_network_like_onnxruntime() -> None:
+    """The ONNX graphs run by torch ops (zoo.onnx_torch) reproduce ONNX Runtime on every bundled test."""
+    reg = load_registry()
+    for entry in reg.models:
+        for _, view in entry.networks():
+            if view.test is None:
+                continue
+            res = check_precision(view, reg, "torch", "fp32")
+            assert res["ok"] and res["max_abs_diff"] <= view.precisions["fp32"].max_abs_diff, (view.id, res)
+
+
+@pytest.mark.skipif(TORCH is not None, reason=str(TORCH))
+def test_torch_engine_refuses_an_op_it_does_not_run(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from zoo.errors import ModelInputError
+    from zoo.onnx_torch import load_graph
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])
+    graph = helper.make_graph([helper.make_node("Erf", ["image"], ["out"])], "g", [x], [y])
+    path = tmp_path / "erf.onnx"
+    onnx.save(helper.make_model(graph), path)
+    with pytest.raises(ModelInputError, match="does not run ONNX ops Erf"):
+        load_graph(str(path), str(path))
+
+
+@pytest.mark.skipif(TORCH is not None, reason=str(TORCH))
+@pytest.mark.parametrize("readers", [1, 3])
+def test_torch_engine_and_reader_threads_give_the_onnxruntime_mask(readers: int, cmu_slide: Path) -> None:
+    """Several reader threads decode in parallel, but batches are blended in order: the same mask."""
+    from zoo.registry import verified_weights
+    from zoo.runner import OnnxModel, RunOptions, predict_slide
+    from zoo.slide import open_slide
+
+    reg = load_registry()
+    entry = reg.get("tissue-multires")
+    path = verified_weights(entry, reg)
+    masks = {}
+    for engine, n in (("onnxruntime", 1), ("torch", readers)):
+        with open_slide(cmu_slide) as s:
+            pred = predict_slide(
+                s, OnnxModel(path, entry, engine=engine), RunOptions(batch_size=3, reader_threads=n, progress=False)
+            )
+            masks[engine] = pred.mask.to_array()
+            pred.close()
+    assert np.mean(masks["torch"] != masks["onnxruntime"]) < 1e-4

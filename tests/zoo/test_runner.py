@@ -145,3 +145,18 @@ def test_tissue_multires_on_every_real_slide(
     with open_slide(request.getfixturevalue(f"{slide_name}_slide")) as slide:
         pred = predict_slide(slide, model, RunOptions(progress=False))
     assert low < pred.class_fractions().get(1, 0.0) < high
+
+
+@pytest.mark.parametrize(("order", "layout"), [("RGB", "NCHW"), ("BGR", "NCHW"), ("RGB", "NHWC"), ("BGR", "NHWC")])
+def test_preprocess_table_is_bit_identical_to_the_arithmetic(order: str, layout: str) -> None:
+    """uint8 tiles go through a per-channel table; it must equal the per-pixel float32 arithmetic exactly."""
+    entry = load_registry().get("tissue-multires")
+    spec = entry.input.model_copy(
+        update={"channel_order": order, "layout": layout, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    )
+    model = OnnxModel.__new__(OnnxModel)  # preprocessing needs only the entry, no engine
+    model.entry = entry.model_copy(update={"input": spec})
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 17, 11, 3), dtype=np.uint8)
+    fast = model.preprocess(tiles)
+    slow = model.preprocess(tiles.astype(np.int16))  # not uint8: the per-pixel path
+    assert fast.dtype == np.float32 and fast.flags.c_contiguous and np.array_equal(fast, slow)
