@@ -64,6 +64,8 @@ class RunOptions:
         progress_label: the bar's label (default: the slide's file name).
         device: GPU index for the CUDA provider or the torch engine (None: the default GPU, or the CPU without one).
         scratch_dir: where a large label mask is memory-mapped (default: system temp).
+        premask: the slide's background pre-mask and its downsample when already computed
+            (:func:`background_premask`; ``zoo run`` computes it while the engine compiles).
     """
 
     target_mpp: float | None = None
@@ -80,6 +82,7 @@ class RunOptions:
     progress_label: str | None = None
     device: int | None = None
     scratch_dir: Path | None = None
+    premask: tuple[np.ndarray, float] | None = None
 
 
 @dataclass
@@ -534,7 +537,7 @@ def plan_tiles(slide: Slide, entry: ModelEntry, opts: RunOptions) -> TilePlan:
     keep: np.ndarray | None = None
     pre_fraction = None
     if opts.skip_background:
-        pre, pre_ds = background_premask(slide)
+        pre, pre_ds = opts.premask or background_premask(slide)
         pre_fraction = float(pre.mean())
         scale = choice.downsample / pre_ds  # premask pixels per model pixel
         keep = np.zeros((len(ys), len(xs)), bool)
