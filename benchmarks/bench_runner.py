@@ -185,6 +185,39 @@ def run_fast(slide: Path, model: str, mpp: float, workdir: Path) -> dict[str, An
         fpl.unlink(missing_ok=True)
 
 
+TIA_VENV = REPO / "benchmarks" / ".venv-tiatoolbox"
+#: TIAToolbox 2.1 needs torch<2.13 and its torchvision; onnx for zoo.onnx_torch (the same network and weights)
+TIA_REQUIREMENTS = ["tiatoolbox==2.1.3", "torch==2.12.1", "torchvision==0.27.1", "onnx"]
+
+
+def tiatoolbox_venv() -> Path:
+    """TIAToolbox's own virtual environment (made on first use: several GB, a few minutes)."""
+    py = TIA_VENV / "bin" / "python"
+    if not py.exists():
+        print(f"making {TIA_VENV} for TIAToolbox ({' '.join(TIA_REQUIREMENTS)})", file=sys.stderr)
+        subprocess.run(["python3", "-m", "venv", str(TIA_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *TIA_REQUIREMENTS], check=True)
+    return py
+
+
+def run_tiatoolbox(slide: Path, mpp: float, repeat: int, workdir: Path) -> dict[str, Any]:
+    """TIAToolbox's SemanticSegmentor with the same network and weights (benchmarks/peer_tiatoolbox.py), each run
+    in its own process; ``mpp`` is the resolution zoo reads at, so both read the same pyramid level."""
+    py = tiatoolbox_venv()
+    runs = []
+    for k in range(max(1, repeat)):
+        out = workdir / f"tia_{mpp:g}_{k}"
+        cmd = [str(py), str(REPO / "benchmarks" / "peer_tiatoolbox.py"), str(slide), repr(mpp), str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    import statistics
+
+    secs = [r["seconds"] for r in runs]
+    return {**runs[0], "seconds": min(secs), "seconds_median": statistics.median(secs), "seconds_all": secs}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument(
@@ -198,6 +231,13 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="runner batch size")
     ap.add_argument("--big", action="store_true", help="benchmark on a generated 4x4 mosaic of --slide")
     ap.add_argument("--no-fast", action="store_true", help="skip FAST")
+    ap.add_argument(
+        "--peers",
+        nargs="*",
+        default=[],
+        choices=["tiatoolbox"],
+        help="more peers: tiatoolbox (SemanticSegmentor, in its own venv benchmarks/.venv-tiatoolbox, made here)",
+    )
     ap.add_argument(
         "--engines",
         nargs="+",
@@ -240,6 +280,15 @@ def main() -> int:
     for mpp in a.mpp:
         floor = run_child(str(slide), a.model, str(mpp), "floor", str(a.batch_size))
         fast = {"error": "skipped"} if a.no_fast else run_fast(slide, a.model, mpp, workdir)
+        tia: dict[str, Any] = {"error": "not asked for (--peers tiatoolbox)"}
+        if "tiatoolbox" in a.peers:
+            from zoo.slide import choose_level, open_slide
+
+            with open_slide(slide) as s:
+                level_mpp = choose_level(s, target_mpp=mpp).mpp  # e.g. 2.0013514 on the mosaic: the same level
+            tia = run_tiatoolbox(Path(slide), level_mpp, a.repeat, Path(scratch))
+            if "labels" in tia:
+                tia["mask"] = np.load(tia.pop("labels"))
         ref_mask = None
         for engine, precision in pairs:
             mask_file = scratch / f"{engine}-{precision}-{mpp}.npy"
@@ -267,7 +316,15 @@ def main() -> int:
                 str(slide), a.model, str(mpp), "infer", str(a.batch_size), engine, precision, str(zoo["tiles"])
             )
             rate = peaks.get(precision) or peak
-            rows.append(_row(slide, mpp, engine, precision, zoo, floor, infer, fast, gflop_tile, rate, dice_vs_first))
+            row = _row(slide, mpp, engine, precision, zoo, floor, infer, fast, gflop_tile, rate, dice_vs_first)
+            if "seconds" in tia:
+                h, w = (min(x, y) for x, y in zip(mask.shape, tia["mask"].shape))
+                row["tiatoolbox"] = {k: v for k, v in tia.items() if k != "mask"}
+                row["zoo_over_tiatoolbox"] = zoo["seconds"] / tia["seconds"]
+                row["dice_vs_tiatoolbox"] = dice(mask[:h, :w] == 1, tia["mask"][:h, :w] == 1)
+            elif "tiatoolbox" in a.peers:
+                row["tiatoolbox"] = tia
+            rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr)
     a.out.write_text(json.dumps(rows, indent=1))
     providers = sorted({p for r in rows for p in r["zoo"]["providers"]})
@@ -295,6 +352,16 @@ def main() -> int:
             f"{r['zoo_over_floor_plus_infer']:.2f} | {fs} | {ratio} | "
             f"{r['dice_vs_first']:.5f} |"
         )
+    for r in rows:
+        if "zoo_over_tiatoolbox" in r:
+            t = r["tiatoolbox"]
+            print(
+                f"- TIAToolbox {r['mpp']:g} µm/px: {t['seconds']:.2f} s (min), {t['seconds_median']:.2f} (median), "
+                f"peak RSS {t['peak_rss_mb']:.0f} MB; zoo {r['engine']} {r['precision']}/TIAToolbox "
+                f"{r['zoo_over_tiatoolbox']:.2f}, tissue Dice {r['dice_vs_tiatoolbox']:.4f}"
+            )
+        elif "tiatoolbox" in r:
+            print(f"- TIAToolbox {r['mpp']:g} µm/px: {r['tiatoolbox'].get('error')}")
     print("\nWhere the runner's time goes (first run of each row; the reader thread overlaps the rest):")
     for r in rows:
         parts = r["zoo"].get("stats", {}).get("seconds_breakdown", {})
