@@ -42,11 +42,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def dice_min(a: np.ndarray, b: np.ndarray) -> float:
     """The smallest per-class Dice over the foreground labels present in either mask."""
-    out = []
-    for v in sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0}):
-        s = int((a == v).sum()) + int((b == v).sum())
-        out.append(1.0 if s == 0 else 2.0 * int(((a == v) & (b == v)).sum()) / s)
-    return min(out) if out else 1.0
+    from bridge.edits import dice
+
+    labels = (set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0}
+    return min((dice(a == v, b == v) for v in labels), default=1.0)
 
 
 def main() -> int:

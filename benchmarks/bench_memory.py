@@ -71,9 +71,10 @@ def make_slide(path: Path, side: int, dense: bool = False) -> Path:
             def tiles(ds: int = ds, nx: int = nx, ny: int = ny) -> Iterator[bytes]:
                 for ty in range(ny):
                     cx = (np.arange(nx) + 0.5) * TILE * ds
-                    inside = dense or _tissue_at(cx, np.full(nx, (ty + 0.5) * TILE * ds), side)
+                    cy = np.full(nx, (ty + 0.5) * TILE * ds)
+                    inside = np.ones(nx, bool) if dense else _tissue_at(cx, cy, side)
                     for tx in range(nx):
-                        yield tissue_tiles[(tx + ty) % len(tissue_tiles)] if dense or inside[tx] else glass
+                        yield tissue_tiles[(tx + ty) % len(tissue_tiles)] if inside[tx] else glass
 
             px_per_cm = 1e4 / (MPP0 * ds)
             head = f"Aperio Image Library v12.0.0 \r\n{side}x{side} ({TILE}x{TILE}) JPEG/RGB Q=85"
@@ -94,8 +95,8 @@ def make_slide(path: Path, side: int, dense: bool = False) -> Path:
             if ds == 1:  # Aperio layout: a small stripped thumbnail is the second page
                 f = -(-side // 768)
                 ys = np.arange(0, side, f)
-                where = dense or _tissue_at(ys[None, :], ys[:, None], side)[..., None]
-                th = np.where(where, np.uint8(200), np.uint8(242)) * np.ones((len(ys), len(ys), 1), np.uint8)
+                inside_th = np.ones((len(ys), len(ys)), bool) if dense else _tissue_at(ys[None, :], ys[:, None], side)
+                th = np.where(inside_th[..., None], 200, 242).astype(np.uint8)
                 tif.write(
                     np.repeat(th, 3, axis=2),
                     photometric="rgb",

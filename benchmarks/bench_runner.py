@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -185,6 +186,12 @@ def run_fast(slide: Path, model: str, mpp: float, workdir: Path) -> dict[str, An
         fpl.unlink(missing_ok=True)
 
 
+def min_median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's record with ``seconds`` the minimum over the runs, plus their median and all of them."""
+    secs = [r["seconds"] for r in runs]
+    return {**runs[0], "seconds": min(secs), "seconds_median": statistics.median(secs), "seconds_all": secs}
+
+
 TIA_VENV = REPO / "benchmarks" / ".venv-tiatoolbox"
 #: TIAToolbox 2.1 needs torch<2.13 and its torchvision; onnx for zoo.onnx_torch (the same network and weights)
 TIA_REQUIREMENTS = ["tiatoolbox==2.1.3", "torch==2.12.1", "torchvision==0.27.1", "onnx"]
@@ -212,10 +219,7 @@ def run_tiatoolbox(slide: Path, mpp: float, repeat: int, workdir: Path) -> dict[
         if r.returncode != 0:
             return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    import statistics
-
-    secs = [r["seconds"] for r in runs]
-    return {**runs[0], "seconds": min(secs), "seconds_median": statistics.median(secs), "seconds_all": secs}
+    return min_median(runs)
 
 
 def main() -> int:
@@ -255,7 +259,6 @@ def main() -> int:
         s, m, mpp, mode, batch, *rest = a.child
         print(json.dumps(child_zoo(s, m, float(mpp), mode, int(batch), *rest)))
         return 0
-    import statistics
     import tempfile
 
     from bridge.edits import dice
@@ -306,8 +309,7 @@ def main() -> int:
                 )
                 for _ in range(max(1, a.repeat))
             ]
-            secs = [r["seconds"] for r in runs]
-            zoo = {**runs[0], "seconds": min(secs), "seconds_median": statistics.median(secs), "seconds_all": secs}
+            zoo = min_median(runs)
             mask = np.load(mask_file)
             ref_mask = mask if ref_mask is None else ref_mask
             fg = [int(v) for v in np.unique(ref_mask) if v != 0] or [1]

@@ -461,9 +461,8 @@ def _run_locked(
         ThreadPoolExecutor(1, thread_name_prefix="premask") as side,
     ):
         # the thumbnail pre-mask (~0.3 s) is computed while the engines load and compile (~0.3 s for OpenVINO)
-        tiled = entry.input.mode != "whole-slide" and entry.selection.tissue_premask
-        tiled = tiled and cfg.run.skip_background and cfg.run.premask is None
-        premask = side.submit(background_premask, slide) if tiled else None
+        uses_premask = entry.input.mode != "whole-slide" and entry.selection.tissue_premask and cfg.run.skip_background
+        premask = side.submit(background_premask, slide) if uses_premask and cfg.run.premask is None else None
         models = {
             name: OnnxModel(
                 stage_files[name][0],

@@ -74,7 +74,7 @@ def _sym_pads(pads: list[int], what: str) -> list[int]:
 @_op("Conv")
 def _conv(x: list[Any], a: dict[str, Any]) -> list[Any]:
     w = x[1]
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if a.get("auto_pad", "NOTSET") != "NOTSET":
         raise ModelInputError(f"Conv auto_pad={a['auto_pad']!r} is not supported by the torch engine")
     dims = w.dim() - 2
     pads = _sym_pads(a.get("pads", [0] * 2 * dims), "Conv")
@@ -85,7 +85,7 @@ def _conv(x: list[Any], a: dict[str, Any]) -> list[Any]:
 
 @_op("ConvTranspose")
 def _conv_t(x: list[Any], a: dict[str, Any]) -> list[Any]:
-    if "output_shape" in a or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if "output_shape" in a or a.get("auto_pad", "NOTSET") != "NOTSET":
         raise ModelInputError("ConvTranspose with output_shape/auto_pad is not supported by the torch engine")
     w = x[1]
     dims = w.dim() - 2
@@ -241,8 +241,7 @@ def _slice(x: list[Any], a: dict[str, Any]) -> list[Any]:
 def _pad(x: list[Any], a: dict[str, Any]) -> list[Any]:
     pads = _ints(x[1]) if len(x) > 1 else a["pads"]
     value = float(x[2]) if len(x) > 2 and x[2] is not None and x[2].numel() else float(a.get("value", 0.0))
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = a.get("mode", "constant")
     n = len(pads) // 2
     torch_pads: list[int] = []
     for ax in reversed(range(n)):  # torch pads the last axis first
@@ -255,10 +254,8 @@ def _pad(x: list[Any], a: dict[str, Any]) -> list[Any]:
 
 @_op("Resize")
 def _resize(x: list[Any], a: dict[str, Any]) -> list[Any]:
-    mode = a.get("mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    ctm = a.get("coordinate_transformation_mode", b"half_pixel")
-    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    mode = a.get("mode", "nearest")
+    ctm = a.get("coordinate_transformation_mode", "half_pixel")
     data = x[0]
     sizes = x[3] if len(x) > 3 and x[3] is not None and x[3].numel() else None
     if sizes is not None:
@@ -268,7 +265,7 @@ def _resize(x: list[Any], a: dict[str, Any]) -> list[Any]:
         size = [math.floor(n * s) for n, s in zip(data.shape[2:], scales)]
     if mode == "linear" and data.dim() == 4 and ctm in ("half_pixel", "pytorch_half_pixel", "align_corners"):
         return [F.interpolate(data, size=size, mode="bilinear", align_corners=ctm == "align_corners")]
-    if mode == "nearest" and ctm == "asymmetric" and a.get("nearest_mode", b"floor") in (b"floor", "floor"):
+    if mode == "nearest" and ctm == "asymmetric" and a.get("nearest_mode", "floor") == "floor":
         return [F.interpolate(data, size=size, mode="nearest")]
     raise ModelInputError(
         f"Resize mode={mode} coordinate_transformation_mode={ctm} is not supported by the torch engine"
@@ -312,12 +309,15 @@ def _identity(x: list[Any], a: dict[str, Any]) -> list[Any]:
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes: tensors as torch tensors, strings decoded."""
     out: dict[str, Any] = {}
     for att in node.attribute:
         value = onnx.helper.get_attribute_value(att)
-        out[att.name] = (
-            torch.from_numpy(numpy_helper.to_array(value).copy()) if isinstance(value, onnx.TensorProto) else value
-        )
+        if isinstance(value, onnx.TensorProto):
+            value = torch.from_numpy(numpy_helper.to_array(value).copy())
+        elif isinstance(value, bytes):
+            value = value.decode()
+        out[att.name] = value
     return out
 
 

@@ -4,9 +4,9 @@ The only module that imports inference engines (onnxruntime; OpenVINO and torch,
 :mod:`zoo.onnx_torch`, when asked for). Steps: choose the level (and an extra
 integer downsampling) for the model's µm/px; a thumbnail pre-mask skips glass
 before any full-resolution read; overlapping tiles are read and normalised on
-reader threads (``reader_threads``; batches are consumed in order) while the engine runs
-batches; probabilities are averaged in the overlaps inside a band one tile high that slides down the slide, and rows
-that no later tile touches are thresholded into the label mask. Peak memory is the
+reader threads (``reader_threads``; batches are consumed in order) while the engine
+runs batches; probabilities are averaged in the overlaps inside a band one tile high
+that slides down the slide, and rows that no later tile touches are thresholded into the label mask. Peak memory is the
 band plus the prefetch queue plus the slide reader's tile cache: the label mask
 goes to a scratch file once it is large (:class:`zoo.labelmask.LabelMask`), with
 class counts kept per band.
@@ -319,13 +319,11 @@ class OnnxModel:
             raise ModelInputError(
                 f"{path}: OpenVINO cannot compile {self.entry.id} ({err}); re-export the model"
             ) from err
-        names = {n for o in compiled.outputs for n in o.get_names()}
-        in_names = {n for i in compiled.inputs for n in i.get_names()}
-        if self.entry.input.input_name not in in_names or self.entry.output.output_name not in names:
-            raise ModelInputError(
-                f"{path}: {self.entry.id} has inputs {sorted(in_names)} and outputs {sorted(names)}; fix "
-                "input.input_name/output.output_name"
-            )
+        self._check_io_names(
+            path,
+            {n for i in compiled.inputs for n in i.get_names()},
+            {n for o in compiled.outputs for n in o.get_names()},
+        )
         request = compiled.create_infer_request()
         out_port = compiled.output(self.entry.output.output_name)
         in_name = self.entry.input.input_name
@@ -333,6 +331,14 @@ class OnnxModel:
         self.fixed_batch = None
         self._raw = lambda x: request.infer({in_name: x})[out_port]
         self._feeds = lambda feeds: request.infer(feeds)[out_port]
+
+    def _check_io_names(self, path: Path, inputs: set[str], outputs: set[str]) -> None:
+        """Refuse a network without the entry's input and output names (OpenVINO and torch engines)."""
+        if self.entry.input.input_name not in inputs or self.entry.output.output_name not in outputs:
+            raise ModelInputError(
+                f"{path}: {self.entry.id} has inputs {sorted(inputs)} and outputs {sorted(outputs)}; fix "
+                "input.input_name/output.output_name"
+            )
 
     def _init_torch(self, path: Path, threads: int, device: int | None, precision: str) -> None:
         """Load the ONNX file as a torch module (:mod:`zoo.onnx_torch`) on the GPU if torch sees one, else the CPU.
@@ -348,12 +354,7 @@ class OnnxModel:
 
         where = torch_device(device)
         graph = load_graph(str(path), f"{path} ({self.entry.id})")
-        spec_in, spec_out = self.entry.input, self.entry.output
-        if spec_in.input_name not in graph.input_names or spec_out.output_name not in graph.output_names:
-            raise ModelInputError(
-                f"{path}: {self.entry.id} has inputs {graph.input_names} and outputs {graph.output_names}; fix "
-                "input.input_name/output.output_name"
-            )
+        self._check_io_names(path, set(graph.input_names), set(graph.output_names))
         dev = torch.device(where)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles have one size: let cuDNN pick its fastest kernels once
@@ -363,7 +364,7 @@ class OnnxModel:
             torch.set_num_threads(threads or (os.cpu_count() or 1))
             name = "CPU"
         graph = graph.to(dev)
-        out_index = graph.output_names.index(spec_out.output_name)
+        out_index = graph.output_names.index(self.entry.output.output_name)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
         def run(*arrays: np.ndarray) -> np.ndarray:

@@ -150,13 +150,19 @@ def test_patch_classification_averages_overlapping_tiles(cmu_slide: Path, tmp_pa
 # --------------------------------------------------------------------------- zoo run / list / verify
 
 
-@pytest.mark.parametrize("model", ["tumour-tiles", "tumour-h2g"])
-def test_zoo_run_tumour_models(model: str, cmu_slide: Path, tmp_path: Path) -> None:
-    r = run_zoo("run", model, str(cmu_slide), "--out", str(tmp_path), "--no-progress")
+def _zoo_run_of_kind(model: str, slide: Path, out: Path) -> tuple[Path, dict]:
+    """``zoo run MODEL SLIDE``: its result folder and run.json, after checking it ran as the entry's kind."""
+    r = run_zoo("run", model, str(slide), "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
-    res = tmp_path / cmu_slide.stem
+    res = out / slide.stem
     run = json.loads((res / "run.json").read_text())
     assert run["model"]["kind"] == load_registry().get(model).kind
+    return res, run
+
+
+@pytest.mark.parametrize("model", ["tumour-tiles", "tumour-h2g"])
+def test_zoo_run_tumour_models(model: str, cmu_slide: Path, tmp_path: Path) -> None:
+    res, run = _zoo_run_of_kind(model, cmu_slide, tmp_path)
     assert (res / "probability_Tumor.tiff").exists() and (res / "mask.tiff").exists()
     fc = json.loads((res / "annotations.geojson").read_text())
     names = {f["properties"]["classification"]["name"] for f in fc["features"]}
@@ -246,11 +252,7 @@ def test_context_tile_is_centred_and_white_beyond_the_slide(cmu_slide: Path) -> 
 
 @pytest.mark.parametrize("model", ["cd-unet", "multilevel-unet"])
 def test_zoo_run_multiclass_models(model: str, cmu_slide: Path, tmp_path: Path) -> None:
-    r = run_zoo("run", model, str(cmu_slide), "--out", str(tmp_path), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    res = tmp_path / cmu_slide.stem
-    run = json.loads((res / "run.json").read_text())
-    assert run["model"]["kind"] == load_registry().get(model).kind
+    res, _ = _zoo_run_of_kind(model, cmu_slide, tmp_path)
     for c in ("Tissue", "Tumor", "Exclude"):
         assert (res / f"probability_{c}.tiff").exists()
     fc = json.loads((res / "annotations.geojson").read_text())
