@@ -23,8 +23,9 @@ from zoo.registry import ModelEntry, Registry, verified_weights
 #: (``--engines onnxruntime:fp32 openvino:fp32``).
 CPU_PREFERENCE = [("openvino", "bf16"), ("openvino", "fp16"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
 
-#: Expected speed order on a CUDA GPU (fastest first), measured with ``benchmarks/bench_runner.py --engines``
-#: on an H100; ONNX Runtime runs there only with onnxruntime-gpu installed.
+#: Expected speed order on a CUDA GPU (fastest first), from inference alone on an H100
+#: (``benchmarks/bench_gpu_torch.py``: fp16 >= bf16 > fp32 at batch 128); not yet confirmed end to end
+#: (``benchmarks/bench_gpu_runner.py``). ONNX Runtime runs there only with onnxruntime-gpu installed.
 GPU_PREFERENCE = [("torch", "fp16"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("torch", "fp32")]
 
 _CHECKED: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -158,14 +159,14 @@ def gpu_engines(
     """The engines that would run ``entry`` on a GPU here: ONNX Runtime with its CUDA provider, and torch
     when it sees a CUDA GPU (checked only when the entry allows torch, and without importing it on machines
     with no NVIDIA driver)."""
-    from zoo.runner import default_providers, nvidia_driver_present, torch_device
+    from zoo.runner import default_providers, torch_device
 
     out = set()
     if engine in ("auto", "onnxruntime") and "CUDAExecutionProvider" in (providers or default_providers()):
         out.add("onnxruntime")
     allows_torch = any("torch" in spec.engines for spec in entry.precisions.values())
-    if engine in ("auto", "torch") and allows_torch and nvidia_driver_present():
-        try:
+    if engine in ("auto", "torch") and allows_torch:
+        try:  # torch_device looks for an NVIDIA driver before importing torch
             if torch_device(device) != "cpu":
                 out.add("torch")
         except ImportError:
