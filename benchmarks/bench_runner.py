@@ -64,7 +64,7 @@ def child_zoo(
     entry = reg.get(model)
     with open_slide(slide) as s:
         if mode == "zoo":
-            m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision)
+            m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision, batch_size=batch)
             t = time.perf_counter()
             opts = RunOptions(target_mpp=mpp, progress=False, batch_size=batch, reader_threads=int(readers))
             pred = predict_slide(s, m, opts)
@@ -84,7 +84,7 @@ def child_zoo(
         t = time.perf_counter()
         plan = plan_tiles(s, entry, RunOptions(target_mpp=mpp))  # the runner's pre-mask and tile list
         if mode == "infer":  # compute floor: the runner's tile count through ONNX Runtime, tiles in memory
-            m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision)
+            m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision, batch_size=batch)
             n_tiles, pool = int(mode_arg), 4 * batch
             if not plan.jobs:  # all glass: nothing to infer
                 return {"seconds": 0.0, "tiles": 0, "peak_rss_mb": _peak_rss_mb()}

@@ -472,6 +472,7 @@ def _run_locked(
                 cfg.run.device,
                 stage_engines[name].engine,
                 stage_engines[name].precision,
+                cfg.run.batch_size,
             )
             for name, view in networks
         }

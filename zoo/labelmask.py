@@ -59,8 +59,17 @@ class LabelMask:
 
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, height: int, width: int, scratch_dir: Path | None = None, in_memory_limit_px: int | None = None):
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        scratch_dir: Path | None = None,
+        in_memory_limit_px: int | None = None,
+        counted: bool = True,
+    ):
+        """``counted=False``: keep no class pixel counts (probability rasters, where nobody asks for them)."""
         self.shape = (int(height), int(width))
+        self.counted = counted
         limit = IN_MEMORY_LIMIT_PX if in_memory_limit_px is None else in_memory_limit_px
         self._counts = np.zeros(256, np.int64)
         self._written = np.zeros(self.shape[0], bool)
@@ -88,9 +97,10 @@ class LabelMask:
         n = rows.shape[0]
         if rows.ndim != 2 or rows.shape[1] != self.shape[1] or not 0 <= y <= self.shape[0] - n:
             raise ValueError(f"rows of shape {rows.shape} at y={y} do not fit a mask of shape {self.shape}")
-        if self._written[y : y + n].any():
+        if self.counted and self._written[y : y + n].any():
             self._counts -= np.bincount(self.read_rows(y, y + n)[self._written[y : y + n]].ravel(), minlength=256)
-        self._counts += np.bincount(rows.ravel(), minlength=256)
+        if self.counted:
+            self._counts += np.bincount(rows.ravel(), minlength=256)
         self._written[y : y + n] = True
         if self._array is not None:
             self._array[y : y + n] = rows
@@ -113,6 +123,8 @@ class LabelMask:
 
     def class_counts(self) -> np.ndarray:
         """Pixels per label value (256 entries); rows never written count as background."""
+        if not self.counted:
+            raise ValueError("this mask keeps no counts (made with counted=False)")
         counts = self._counts.copy()
         counts[0] += int((~self._written).sum()) * self.shape[1]
         return counts

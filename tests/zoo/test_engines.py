@@ -164,3 +164,27 @@ def test_torch_engine_and_reader_threads_give_the_onnxruntime_mask(readers: int,
             masks[engine] = pred.mask.to_array()
             pred.close()
     assert np.mean(masks["torch"] != masks["onnxruntime"]) < 1e-4
+
+
+@pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))
+@pytest.mark.parametrize("n_tiles", [1, 3, 8, 11], ids=["one", "padded", "exact", "split"])
+def test_openvino_takes_uint8_tiles_and_any_batch_like_onnxruntime(n_tiles: int) -> None:
+    """OpenVINO: static batch of 4 (shorter padded, longer split), uint8 tiles normalised inside the engine."""
+    from zoo.registry import verified_weights
+    from zoo.runner import OnnxModel
+
+    reg = load_registry()
+    entry = reg.get("tissue-multires")
+    path = verified_weights(entry, reg)
+    ov = OnnxModel(path, entry, engine="openvino", precision="fp32", batch_size=4)
+    ref = OnnxModel(path, entry)
+    assert ov.uint8_input and ov.fixed_batch == 4 and "static batch 4" in ov.providers[0]
+    tiles = np.random.default_rng(n_tiles).integers(0, 256, (n_tiles, 256, 256, 3), dtype=np.uint8)
+    x = ov.preprocess(tiles)
+    assert x.dtype == np.uint8 and x.shape == tiles.shape  # handed over as they are
+    want = ref.predict(ref.preprocess(tiles))
+    np.testing.assert_allclose(ov.predict(x), want, rtol=0, atol=1e-4)
+    # network-format float input made from uint8 tiles goes the same way; other float input is run as it is
+    np.testing.assert_allclose(ov.predict(ref.preprocess(tiles)), want, rtol=0, atol=1e-4)
+    off_grid = ref.preprocess(tiles) + np.float32(0.001)
+    np.testing.assert_allclose(ov.predict(off_grid), ref.predict(off_grid), rtol=0, atol=1e-4)
