@@ -97,6 +97,8 @@ def main() -> int:
     mask_path = a.out / "labels.npy"
     np.save(mask_path, labels.astype(np.uint8))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss carries the parent's over)
+        peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), peak)
     print(json.dumps({"seconds": secs, "labels": str(mask_path), "peak_rss_mb": peak}))
     return 0
 

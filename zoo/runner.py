@@ -31,7 +31,7 @@ from scipy import ndimage as ndi
 
 from zoo.errors import ModelInputError, ProviderError
 from zoo.labelmask import UNKNOWN_LABEL, LabelMask
-from zoo.registry import ContextInput, ModelEntry
+from zoo.registry import ContextInput, InputSpec, ModelEntry
 from zoo.slide import (
     LevelChoice,
     Slide,
@@ -217,10 +217,11 @@ def engine_unavailable(engine: str, precision: str = "fp32", device: int | None 
     return None
 
 
-_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+#: zoo precision names to OpenVINO element types (INFERENCE_PRECISION_HINT)
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
-def _ov_uint8_input(model: Any, spec: Any) -> Any:
+def ov_uint8_input(model: Any, spec: InputSpec) -> Any:
     """An OpenVINO model taking (N, H, W, 3) uint8 RGB tiles and normalising them as ``spec`` says:
     ``(value * scale - mean) / std`` per channel, BGR order and NCHW layout where the network wants them."""
     from openvino import Layout, Type
@@ -338,7 +339,7 @@ class OnnxModel:
         core = ov.Core()
         spec = self.entry.input
         config = {
-            "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
+            "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
             "INFERENCE_NUM_THREADS": threads or (os.cpu_count() or 1),
             "PERFORMANCE_HINT": "LATENCY",
         }
@@ -355,7 +356,7 @@ class OnnxModel:
                 model.reshape({model.inputs[0].get_any_name(): [batch_size, *hw]})
             self.uint8_input = single and spec.channel_order in ("RGB", "BGR") and spec.channels == 3
             float_model = model.clone() if self.uint8_input else model
-            compiled = core.compile_model(_ov_uint8_input(model, spec) if self.uint8_input else model, "CPU", config)
+            compiled = core.compile_model(ov_uint8_input(model, spec) if self.uint8_input else model, "CPU", config)
         except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
             raise ModelInputError(
                 f"{path}: OpenVINO cannot compile {self.entry.id} ({err}); re-export the model"
