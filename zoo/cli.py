@@ -15,7 +15,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import FplError, GeoJSONError, OutputError, ProviderError, ZooError
+from zoo.errors import (
+    FplError,
+    GeoJSONError,
+    OutputError,
+    ProviderError,
+    Terminated,
+    ZooError,
+    forget_signals,
+    on_stop_signal,
+)
 
 EPILOG = "Models: `zoo list`. Results of `zoo run` go to OUT/<slide name>/ (mask.tiff, annotations.geojson, run.json)."
 
@@ -923,14 +932,6 @@ def _json_stdout(enabled: bool) -> Iterator[None]:
         real.close()
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that partial results are removed on the way out."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -949,9 +950,12 @@ def main(argv: list[str] | None = None) -> int:
         "qupath-project": cmd_qupath_project,
         "show": cmd_show,
     }
-    previous = signal.getsignal(signal.SIGTERM)
-    with contextlib.suppress(ValueError):  # not in the main thread (tests): keep the default
-        signal.signal(signal.SIGTERM, _terminate)
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stop_signals}
+    forget_signals()
+    with contextlib.suppress(ValueError):  # not in the main thread (tests): keep the defaults
+        for s in stop_signals:
+            signal.signal(s, on_stop_signal)
     try:
         with _json_stdout(getattr(args, "json", False)):
             return commands[args.cmd](args)
@@ -966,7 +970,9 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                if handler is not None:
+                    signal.signal(s, handler)
 
 
 if __name__ == "__main__":

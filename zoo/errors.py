@@ -6,6 +6,9 @@ print ``str(err)`` and exit 1.
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 
 class ZooError(Exception):
     """Root of every error this project raises on purpose."""
@@ -78,3 +81,34 @@ class DependencyError(ZooError, ImportError):
 
 class QuPathUnavailableError(ZooError, ImportError):
     """paquo or QuPath is not installed."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (or another stop signal), raised in the main thread so that partial results are removed."""
+
+
+# Stop signals this process has received. A signal handler's exception can be swallowed by a library
+# that wraps code in a bare ``except`` (some optional imports do); the long loops call
+# ``raise_if_signalled`` between batches so that a stop request is never lost.
+_signals_received: list[int] = []
+
+
+def on_stop_signal(signum: int, frame: Any = None) -> None:
+    """Signal handler for SIGINT and SIGTERM: remember the signal, then raise it."""
+    _signals_received.append(signum)
+    raise_if_signalled()
+
+
+def raise_if_signalled() -> None:
+    """Raise ``KeyboardInterrupt`` (SIGINT) or ``Terminated`` (others) if a stop signal has arrived."""
+    if not _signals_received:
+        return
+    signum = _signals_received[-1]
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def forget_signals() -> None:
+    """Start a new command with no stop request pending (the CLI's ``main`` can run many times in one process)."""
+    _signals_received.clear()

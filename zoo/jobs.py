@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import __version__
-from zoo.errors import OutputError, ZooError
+from zoo.errors import OutputError, ZooError, raise_if_signalled
 from zoo.registry import ModelEntry, Registry, load_registry, verified_model_files
 from zoo.runner import RunOptions
 from zoo.slide import open_slide
@@ -613,6 +613,7 @@ def _run_locked(
             "outputs": outputs,
         }
         write_json(work / "run.json", run_info)
+        raise_if_signalled()  # a stop request a library swallowed: still nothing published
         _publish(work, dest, current_umask())
     finally:
         if work.exists():

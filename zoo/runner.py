@@ -29,7 +29,7 @@ import onnxruntime as ort
 from PIL import Image
 from scipy import ndimage as ndi
 
-from zoo.errors import ModelInputError, ProviderError
+from zoo.errors import ModelInputError, ProviderError, raise_if_signalled
 from zoo.labelmask import UNKNOWN_LABEL, LabelMask
 from zoo.registry import ContextInput, InputSpec, ModelEntry
 from zoo.slide import (
@@ -758,6 +758,7 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
                 cnt[r : r + ph, tx : tx + pw] += 1
                 blend_s += time.perf_counter() - tb
             bar.update(len(b))
+            raise_if_signalled()
         tf = time.perf_counter()
         flush(height)
         flush_s += time.perf_counter() - tf

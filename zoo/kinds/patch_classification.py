@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from zoo.errors import raise_if_signalled
 from zoo.labelmask import LabelMask
 from zoo.registry import ModelEntry
 from zoo.runner import (
@@ -127,6 +128,7 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
                     if len(pending) >= bs:
                         run_pending()
             bar.update(len(cols_i))
+            raise_if_signalled()
         run_pending()
     finally:
         bar.close()
