@@ -1,18 +1,23 @@
-"""Inference alone: ONNX Runtime session options and int8 quantisation, on this machine.
+"""Inference alone: int8 against the registered precisions, and ONNX Runtime's session options, on this machine.
 
-    python benchmarks/bench_inference.py [--model tissue-multires] [--mpp 2] [--slide PATH]
+    python benchmarks/bench_inference.py [--model tissue-multires] [--mpp 2] [--rounds 7]
 
-1. Session options: ms per tile for each graph optimisation level (basic, extended, all) with
-   thread spinning on and off, on the same in-memory batch (the runner uses "all", spinning on).
-2. int8: ONNX Runtime's post-training static quantisation (QDQ, per-channel int8 weights, uint8
-activations) is calibrated on tiles of the bundled CMU slide at the model's resolution; both
-models then run the same in-memory batches (speed, ms per tile), and the runner with each model
-segments ``--slide`` (a different slide) so their masks can be compared (Dice, int8 vs float32).
+1. int8: the registered ONNX, its GroupNorms rewritten channels-last as the OpenVINO engine does
+   (:func:`zoo.onnx_rewrite.group_norm_channels_last`), is quantised by ONNX Runtime's post-training
+   static quantisation (QDQ; per-channel int8 weights, uint8 activations; convolutions only, so
+   normalisations and the head's activation stay in float), calibrated on tissue tiles of the bundled
+   CMU slide at the model's resolution. ONNX Runtime fp32 and int8 and OpenVINO fp32, bf16 and int8 (the
+   QDQ file; OpenVINO runs its convolutions in u8/i8 with VNNI, the rest at the stated precision) then
+   run the same 8 real tiles, each through ``OnnxModel`` as ``zoo run`` builds it, **interleaved round
+   by round** so that load on the shared machine hits them alike: ms per tile, min and median over
+   rounds. The runner with each segments the shared slides (H&E and IHC; int8 was calibrated on none of
+   them but the CMU crop) and the label masks are compared with ONNX Runtime fp32's (Dice), as
+   ``zoo verify`` would judge a registered precision.
+2. Session options: ms per tile for each ONNX Runtime graph optimisation level with thread spinning on
+   and off (the runner uses "all", spinning on), also interleaved.
 
-int8 convolutions are fast only where the CPU has 8-bit dot-product instructions (AVX-512 VNNI,
-AVX-VNNI, AMX, Arm dot-product); the script prints which of these the CPU reports. Results go to
-benchmarks/results/bench_inference.json. The quantised model is written to a temporary folder and
-deleted: it is an experiment, not a registered model.
+Results: benchmarks/results/bench_inference.json. The quantised file lives in a temporary folder and is
+deleted: an experiment, not a registered model.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +37,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+SLIDES = REPO.parent / "shared/data/slides"
 
 
 def cpu_int8_features() -> list[str]:
@@ -43,50 +51,42 @@ def cpu_int8_features() -> list[str]:
     return sorted({f for f in flags if f in wanted})
 
 
-def ms_per_tile(run: Callable[[], object], n_tiles: int, repeats: int) -> float:
-    """Mean ms per tile of ``run()`` (one batch of ``n_tiles``) over ``repeats`` calls, after a warm-up."""
-    run()
-    t = time.perf_counter()
-    for _ in range(repeats):
+def interleaved_ms(runs: dict[str, Callable[[], object]], n_tiles: int, calls: int, rounds: int) -> dict[str, Any]:
+    """ms per tile of each ``run()`` (one batch of ``n_tiles``): ``calls`` batches per round, the runs
+    taking turns round by round after one warm-up each; min and median over rounds."""
+    for run in runs.values():
         run()
-    return (time.perf_counter() - t) / (repeats * n_tiles) * 1000.0
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                run()
+            seconds[label].append((time.perf_counter() - t) / (calls * n_tiles) * 1e3)
+    return {k: {"ms_per_tile_min": min(v), "ms_per_tile_median": statistics.median(v)} for k, v in seconds.items()}
 
 
-def session_option_sweep(path: Path, input_name: str, batch: np.ndarray, repeats: int) -> list[dict[str, Any]]:
-    """ms per tile for each graph optimisation level x thread spinning, on ``batch``."""
+def ort_session_runs(path: Path, input_name: str, batch: np.ndarray) -> dict[str, Callable[[], object]]:
+    """One ONNX Runtime session per graph optimisation level x thread spinning, each a run on ``batch``."""
     import onnxruntime as ort
 
-    rows = []
-    for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+    runs: dict[str, Callable[[], object]] = {}
+    for level in ("BASIC", "EXTENDED", "ALL"):
         for spinning in ("1", "0"):
             so = ort.SessionOptions()
-            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level}")
             so.intra_op_num_threads = os.cpu_count() or 1
             so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            ms = ms_per_tile(lambda: sess.run(None, {input_name: batch}), len(batch), repeats)  # noqa: B023
-            rows.append({"optimisation": level, "spinning": spinning == "1", "ms_per_tile": ms})
-    return rows
+            label = f"{level.lower()}, spinning {'on' if spinning == '1' else 'off'}"
+            runs[label] = lambda s=sess: s.run(None, {input_name: batch})  # type: ignore[misc]
+    return runs
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="tissue-multires", help="registered model")
-    ap.add_argument("--mpp", type=float, default=2.0, help="resolution to calibrate and compare at (µm/px)")
-    ap.add_argument(
-        "--slide",
-        type=Path,
-        default=REPO.parent / "shared/data/slides/tcga-cr-7395-01a-01-ts1.svs",
-        help="slide the two models' masks are compared on",
-    )
-    ap.add_argument("--calibration-tiles", type=int, default=64, help="tiles of the bundled slide to calibrate on")
-    ap.add_argument("--batch-size", type=int, default=8, help="batch size for the speed measurement")
-    ap.add_argument("--repeats", type=int, default=6, help="timed batches per model")
-    ap.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_inference.json", help="JSON results"
-    )
-    a = ap.parse_args()
-
+def quantise(fp32_path: Path, out_dir: Path, calib: list[np.ndarray], input_name: str) -> tuple[Path, float]:
+    """Static QDQ int8 (per-channel weights, uint8 activations, convolutions only) of the GroupNorm-rewritten
+    graph, calibrated on ``calib`` (network-format single-tile batches); returns its path and seconds taken."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -95,28 +95,7 @@ def main() -> int:
         quantize_static,
     )
 
-    from bridge.edits import dice
-    from zoo.cli import bundled_slide
-    from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OnnxModel, RunOptions, plan_tiles, predict_slide
-    from zoo.slide import open_slide, read_scaled
-
-    reg = load_registry()
-    entry = reg.get(a.model)
-    if entry.input.mode != "tiled":
-        print(f"{entry.id}: only tiled models are benchmarked here", file=sys.stderr)
-        return 2
-    fp32_path = verified_weights(entry, reg)
-    pw, ph = entry.input.patch_size_px
-    fp32 = OnnxModel(fp32_path, entry)
-
-    bundled = bundled_slide()
-    with open_slide(bundled) as s:  # the runner's tissue tiles of the bundled slide
-        plan = plan_tiles(s, entry, RunOptions(target_mpp=a.mpp))
-        jobs = plan.jobs[: a.calibration_tiles]
-        tiles = [read_scaled(s, plan.choice, plan.xs[i], plan.ys[j], pw, ph) for j, i in jobs]
-    calib = [fp32.preprocess(t[None]) for t in tiles]
-    name = entry.input.input_name
+    from zoo.onnx_rewrite import group_norm_channels_last
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -124,69 +103,154 @@ def main() -> int:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             x = next(self._it, None)
-            return None if x is None else {name: x}
+            return None if x is None else {input_name: x}
+
+    rewritten, pre, int8_path = out_dir / "rewritten.onnx", out_dir / "pre.onnx", out_dir / "int8.onnx"
+    onnx.save(group_norm_channels_last(onnx.load(str(fp32_path)))[0], str(rewritten))
+    quant_pre_process(str(rewritten), str(pre))
+    t = time.perf_counter()
+    quantize_static(
+        str(pre),
+        str(int8_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv", "ConvTranspose"],
+    )
+    return int8_path, time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="tissue-multires", help="registered tiled model (one RGB input)")
+    ap.add_argument(
+        "--mpp", type=float, nargs="+", default=[2.0, 4.0], help="resolutions masks are compared at (µm/px)"
+    )
+    ap.add_argument(
+        "--calibration-tiles", type=int, default=64, help="tissue tiles of the bundled slide to calibrate on"
+    )
+    ap.add_argument("--batch-size", type=int, default=8, help="tiles per inference call")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min and median reported)")
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_inference.json", help="JSON results"
+    )
+    a = ap.parse_args()
+
+    import logging
+
+    from bench_openvino import real_tiles  # type: ignore[import-not-found]
+
+    from bridge.edits import dice
+    from zoo.cli import bundled_slide
+    from zoo.registry import load_registry, verified_weights
+    from zoo.runner import OnnxModel, RunOptions, engine_unavailable, plan_tiles, predict_slide
+    from zoo.slide import open_slide, read_scaled
+
+    logging.getLogger().setLevel(logging.ERROR)  # the quantiser warns once per GroupNorm constant
+    reg = load_registry()
+    entry = reg.get(a.model)
+    if entry.input.mode != "tiled":
+        print(f"{entry.id}: only tiled models are benchmarked here", file=sys.stderr)
+        return 2
+    fp32_path = verified_weights(entry, reg)
+    pw, ph = entry.input.patch_size_px
+    reference = OnnxModel(fp32_path, entry)
+    bundled = bundled_slide()
+    with open_slide(bundled) as s:  # the runner's tissue tiles of the bundled slide
+        plan = plan_tiles(s, entry, RunOptions(target_mpp=a.mpp[0]))
+        jobs = plan.jobs[: a.calibration_tiles]
+        calib = [
+            reference.preprocess(read_scaled(s, plan.choice, plan.xs[i], plan.ys[j], pw, ph)[None]) for j, i in jobs
+        ]
+    tiles = real_tiles(reference, a.batch_size)
+    no_openvino = engine_unavailable("openvino", "fp32")
 
     with tempfile.TemporaryDirectory() as tmp:
-        pre, int8_path = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
-        t = time.perf_counter()
-        quantize_static(
-            str(pre),
-            str(int8_path),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
-        quant_s = time.perf_counter() - t
-        int8 = OnnxModel(int8_path, entry)
-
-        batch = np.concatenate((calib * a.batch_size)[: a.batch_size])
-        sweep = session_option_sweep(fp32_path, name, batch, a.repeats)
-        speed = {
-            "float32_ms_per_tile": ms_per_tile(lambda: fp32.predict(batch), len(batch), a.repeats),
-            "int8_ms_per_tile": ms_per_tile(lambda: int8.predict(batch), len(batch), a.repeats),
+        int8_path, quant_s = quantise(fp32_path, Path(tmp), calib, entry.input.input_name)
+        models = {
+            "onnxruntime fp32": reference,
+            "onnxruntime int8 (QDQ)": OnnxModel(int8_path, entry),
         }
-        opts = RunOptions(target_mpp=a.mpp, progress=False)
-        with open_slide(a.slide) as s:
-            p32 = predict_slide(s, fp32, opts)
-            p8 = predict_slide(s, int8, opts)
+        if not no_openvino:
+            bs = a.batch_size
+            models["openvino fp32"] = OnnxModel(fp32_path, entry, engine="openvino", precision="fp32", batch_size=bs)
+            models["openvino bf16"] = OnnxModel(fp32_path, entry, engine="openvino", precision="bf16", batch_size=bs)
+            models["openvino int8 (QDQ), fp32 elsewhere"] = OnnxModel(
+                int8_path, entry, engine="openvino", precision="fp32", batch_size=bs
+            )
+            models["openvino int8 (QDQ), bf16 elsewhere"] = OnnxModel(
+                int8_path, entry, engine="openvino", precision="bf16", batch_size=bs
+            )
+        inputs = {k: m.preprocess(tiles) for k, m in models.items()}
+        ref_prob = reference.predict(inputs["onnxruntime fp32"])
+        speed = interleaved_ms(
+            {k: (lambda m=m, x=inputs[k]: m.predict(x)) for k, m in models.items()},  # type: ignore[misc]
+            len(tiles),
+            calls=4,
+            rounds=a.rounds,
+        )
+        for k, m in models.items():
+            speed[k]["max_abs_prob_diff_vs_fp32"] = float(np.abs(m.predict(inputs[k]) - ref_prob).max())
         fg = entry.foreground[0].index
-        agreement = dice(np.asarray(p32.mask) == fg, np.asarray(p8.mask) == fg)
+        agreement: dict[str, dict[str, float]] = {k: {} for k in models if k != "onnxruntime fp32"}
+        for slide in sorted(p for p in SLIDES.iterdir() if p.name != "broken.svs"):
+            for mpp in a.mpp:
+                opts = RunOptions(target_mpp=mpp, progress=False)
+                with open_slide(slide) as s:
+                    ref_mask = np.asarray(predict_slide(s, reference, opts).mask) == fg
+                    for k, m in models.items():
+                        if k in agreement:
+                            mask = np.asarray(predict_slide(s, m, opts).mask) == fg
+                            agreement[k][f"{slide.name} @ {mpp:g}"] = dice(ref_mask, mask)
+        sweep = interleaved_ms(
+            ort_session_runs(fp32_path, entry.input.input_name, inputs["onnxruntime fp32"]),
+            len(tiles),
+            calls=4,
+            rounds=max(3, a.rounds // 2),
+        )
 
     result = {
         "model": entry.id,
-        "mpp": a.mpp,
         "cpu_cores": os.cpu_count(),
         "cpu_int8_dot_product": cpu_int8_features(),
-        "providers": fp32.providers,
-        "calibration": f"{len(calib)} tiles of {bundled.name}",
+        "load_average": os.getloadavg(),
+        "openvino": "not run: " + no_openvino if no_openvino else "run",
+        "calibration": f"{len(calib)} tissue tiles of {bundled.name} at {a.mpp[0]:g} µm/px",
         "quantisation_seconds": quant_s,
-        **speed,
-        "int8_speedup": speed["float32_ms_per_tile"] / speed["int8_ms_per_tile"],
-        "session_options": sweep,
-        "compared_on": a.slide.name,
-        "dice_int8_vs_float32": agreement,
+        "tiles": f"{len(tiles)} tissue tiles of cmu-1-small-region.svs and tcga-cr-7395-01a-01-ts1.svs",
+        "rounds": a.rounds,
+        "speed": speed,
+        "dice_vs_onnxruntime_fp32": agreement,
+        "session_options_fp32": sweep,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
+    base = speed["onnxruntime fp32"]["ms_per_tile_min"]
+    int8_isa = ", ".join(result["cpu_int8_dot_product"]) or "none"
+    load = " ".join(f"{x:.2f}" for x in result["load_average"])
     print(
-        f"model {entry.id} at {a.mpp:g} µm/px; CPU cores {os.cpu_count()}; int8 dot-product: "
-        f"{', '.join(result['cpu_int8_dot_product']) or 'none'}"
+        f"{entry.id}; CPU cores {os.cpu_count()}; int8 dot-product: {int8_isa}; load average {load}; {a.rounds} rounds"
     )
-    print("| graph optimisation | spinning | ms/tile (float32) |")
-    print("|---|---|---|")
-    for r in sweep:
+    print("| engine, precision | ms/tile (min) | ms/tile (median) | vs ORT fp32 | max \\|Δp\\| | lowest Dice vs fp32 |")
+    print("|---|---|---|---|---|---|")
+    for k, r in speed.items():
+        worst = min(agreement[k].values()) if k in agreement else 1.0
         print(
-            f"| {r['optimisation'].removeprefix('ORT_ENABLE_').lower()} | {'on' if r['spinning'] else 'off'} | "
-            f"{r['ms_per_tile']:.1f} |"
+            f"| {k} | {r['ms_per_tile_min']:.2f} | {r['ms_per_tile_median']:.2f} | "
+            f"{base / r['ms_per_tile_min']:.2f}x | {r['max_abs_prob_diff_vs_fp32']:.3f} | {worst:.5f} |"
         )
     print()
-    print("| precision | ms/tile | speed-up | Dice vs float32 on " + a.slide.name + " |")
-    print("|---|---|---|---|")
-    print(f"| float32 | {speed['float32_ms_per_tile']:.1f} | 1.00 | 1 |")
-    print(f"| int8 (QDQ) | {speed['int8_ms_per_tile']:.1f} | {result['int8_speedup']:.2f} | {agreement:.4f} |")
+    print("| label-mask Dice vs ONNX Runtime fp32 | " + " | ".join(agreement) + " |")
+    print("|---" * (len(agreement) + 1) + "|")
+    for where in next(iter(agreement.values())):
+        print(f"| {where} | " + " | ".join(f"{agreement[k][where]:.5f}" for k in agreement) + " |")
+    print()
+    print("| ONNX Runtime fp32 session options | ms/tile (min) | ms/tile (median) |")
+    print("|---|---|---|")
+    for k, r in sweep.items():
+        print(f"| {k} | {r['ms_per_tile_min']:.2f} | {r['ms_per_tile_median']:.2f} |")
     return 0
 
 
