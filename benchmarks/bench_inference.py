@@ -1,18 +1,19 @@
 """Inference alone: int8 against the registered precisions, and ONNX Runtime's session options, on this machine.
 
-    python benchmarks/bench_inference.py [--model tissue-multires] [--mpp 2] [--rounds 7]
+    python benchmarks/bench_inference.py [--model tissue-multires] [--mpp 2 4] [--rounds 7] [--keep-float-convs N]
 
 1. int8: the registered ONNX, its GroupNorms rewritten channels-last as the OpenVINO engine does
    (:func:`zoo.onnx_rewrite.group_norm_channels_last`), is quantised by ONNX Runtime's post-training
    static quantisation (QDQ; per-channel int8 weights, uint8 activations; convolutions only, so
-   normalisations and the head's activation stay in float), calibrated on tissue tiles of the bundled
-   CMU slide at the model's resolution. ONNX Runtime fp32 and int8 and OpenVINO fp32, bf16 and int8 (the
-   QDQ file; OpenVINO runs its convolutions in u8/i8 with VNNI, the rest at the stated precision) then
-   run the same 8 real tiles, each through ``OnnxModel`` as ``zoo run`` builds it, **interleaved round
-   by round** so that load on the shared machine hits them alike: ms per tile, min and median over
-   rounds. The runner with each segments the shared slides (H&E and IHC; int8 was calibrated on none of
-   them but the CMU crop) and the label masks are compared with ONNX Runtime fp32's (Dice), as
-   ``zoo verify`` would judge a registered precision.
+   normalisations and the head's activation stay in float; ``--keep-float-convs N`` leaves the first and
+   last N in float too), calibrated on tissue tiles of the bundled CMU slide at the first ``--mpp``.
+   ONNX Runtime fp32 and int8 and OpenVINO fp32, bf16 and int8 (the QDQ file; OpenVINO runs its
+   convolutions in u8/i8 with VNNI, the rest at the stated precision) then run the same 8 real tiles,
+   each through ``OnnxModel`` as ``zoo run`` builds it, **interleaved round by round** so that load on
+   the shared machine hits them alike: ms per tile, min and median over rounds. The runner with each
+   segments the shared slides (H&E and IHC; int8 was calibrated on none of them but the CMU crop) and
+   the label masks are compared with ONNX Runtime fp32's (Dice), as ``zoo verify`` would judge a
+   registered precision.
 2. Session options: ms per tile for each ONNX Runtime graph optimisation level with thread spinning on
    and off (the runner uses "all", spinning on), also interleaved.
 
@@ -25,13 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -51,21 +50,6 @@ def cpu_int8_features() -> list[str]:
     return sorted({f for f in flags if f in wanted})
 
 
-def interleaved_ms(runs: dict[str, Callable[[], object]], n_tiles: int, calls: int, rounds: int) -> dict[str, Any]:
-    """ms per tile of each ``run()`` (one batch of ``n_tiles``): ``calls`` batches per round, the runs
-    taking turns round by round after one warm-up each; min and median over rounds."""
-    for run in runs.values():
-        run()
-    seconds: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for label, run in runs.items():
-            t = time.perf_counter()
-            for _ in range(calls):
-                run()
-            seconds[label].append((time.perf_counter() - t) / (calls * n_tiles) * 1e3)
-    return {k: {"ms_per_tile_min": min(v), "ms_per_tile_median": statistics.median(v)} for k, v in seconds.items()}
-
-
 def ort_session_runs(path: Path, input_name: str, batch: np.ndarray) -> dict[str, Callable[[], object]]:
     """One ONNX Runtime session per graph optimisation level x thread spinning, each a run on ``batch``."""
     import onnxruntime as ort
@@ -83,9 +67,12 @@ def ort_session_runs(path: Path, input_name: str, batch: np.ndarray) -> dict[str
     return runs
 
 
-def quantise(fp32_path: Path, out_dir: Path, calib: list[np.ndarray], input_name: str) -> tuple[Path, float]:
+def quantise(
+    fp32_path: Path, out_dir: Path, calib: list[np.ndarray], input_name: str, keep_float: int = 0
+) -> tuple[Path, float]:
     """Static QDQ int8 (per-channel weights, uint8 activations, convolutions only) of the GroupNorm-rewritten
-    graph, calibrated on ``calib`` (network-format single-tile batches); returns its path and seconds taken."""
+    graph, calibrated on ``calib`` (network-format single-tile batches), the first and last ``keep_float``
+    convolutions left in float; returns its path and seconds taken."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -106,7 +93,10 @@ def quantise(fp32_path: Path, out_dir: Path, calib: list[np.ndarray], input_name
             return None if x is None else {input_name: x}
 
     rewritten, pre, int8_path = out_dir / "rewritten.onnx", out_dir / "pre.onnx", out_dir / "int8.onnx"
-    onnx.save(group_norm_channels_last(onnx.load(str(fp32_path)))[0], str(rewritten))
+    graph = group_norm_channels_last(onnx.load(str(fp32_path)))[0]
+    onnx.save(graph, str(rewritten))
+    convs = [n.name for n in graph.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    excluded = convs[:keep_float] + convs[len(convs) - keep_float :] if keep_float else []
     quant_pre_process(str(rewritten), str(pre))
     t = time.perf_counter()
     quantize_static(
@@ -118,8 +108,25 @@ def quantise(fp32_path: Path, out_dir: Path, calib: list[np.ndarray], input_name
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["Conv", "ConvTranspose"],
+        nodes_to_exclude=excluded,
     )
     return int8_path, time.perf_counter() - t
+
+
+def ov_conv_precisions(path: Path, precision: str) -> dict[str, int]:
+    """How many convolution layers OpenVINO's CPU plugin runs at each precision, compiling ``path`` at
+    ``precision`` ("f32", "bf16"): a QDQ file's convolutions show as u8/i8 where it uses int8 kernels."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else ""
+        if kind in ("Convolution", "Deconvolution"):
+            key = f"{kind} {info['runtimePrecision'].astype(str)}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def main() -> int:
@@ -129,7 +136,13 @@ def main() -> int:
         "--mpp", type=float, nargs="+", default=[2.0, 4.0], help="resolutions masks are compared at (µm/px)"
     )
     ap.add_argument(
-        "--calibration-tiles", type=int, default=64, help="tissue tiles of the bundled slide to calibrate on"
+        "--calibration-tiles",
+        type=int,
+        default=64,
+        help="tissue tiles of the bundled slide to calibrate on (at most as many as it has)",
+    )
+    ap.add_argument(
+        "--keep-float-convs", type=int, default=0, help="first and last N convolutions left unquantised (float)"
     )
     ap.add_argument("--batch-size", type=int, default=8, help="tiles per inference call")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (min and median reported)")
@@ -140,7 +153,7 @@ def main() -> int:
 
     import logging
 
-    from bench_openvino import real_tiles  # type: ignore[import-not-found]
+    from bench_openvino import interleaved_ms, real_tiles  # type: ignore[import-not-found]
 
     from bridge.edits import dice
     from zoo.cli import bundled_slide
@@ -168,21 +181,20 @@ def main() -> int:
     no_openvino = engine_unavailable("openvino", "fp32")
 
     with tempfile.TemporaryDirectory() as tmp:
-        int8_path, quant_s = quantise(fp32_path, Path(tmp), calib, entry.input.input_name)
+        int8_path, quant_s = quantise(fp32_path, Path(tmp), calib, entry.input.input_name, a.keep_float_convs)
         models = {
             "onnxruntime fp32": reference,
             "onnxruntime int8 (QDQ)": OnnxModel(int8_path, entry),
         }
         if not no_openvino:
-            bs = a.batch_size
-            models["openvino fp32"] = OnnxModel(fp32_path, entry, engine="openvino", precision="fp32", batch_size=bs)
-            models["openvino bf16"] = OnnxModel(fp32_path, entry, engine="openvino", precision="bf16", batch_size=bs)
-            models["openvino int8 (QDQ), fp32 elsewhere"] = OnnxModel(
-                int8_path, entry, engine="openvino", precision="fp32", batch_size=bs
-            )
-            models["openvino int8 (QDQ), bf16 elsewhere"] = OnnxModel(
-                int8_path, entry, engine="openvino", precision="bf16", batch_size=bs
-            )
+            for label, path, precision in (
+                ("openvino fp32", fp32_path, "fp32"),
+                ("openvino bf16", fp32_path, "bf16"),
+                ("openvino int8 (QDQ), fp32 elsewhere", int8_path, "fp32"),
+                ("openvino int8 (QDQ), bf16 elsewhere", int8_path, "bf16"),
+            ):
+                models[label] = OnnxModel(path, entry, engine="openvino", precision=precision, batch_size=a.batch_size)
+        conv_precisions = {} if no_openvino else ov_conv_precisions(int8_path, "bf16")
         inputs = {k: m.preprocess(tiles) for k, m in models.items()}
         ref_prob = reference.predict(inputs["onnxruntime fp32"])
         speed = interleaved_ms(
@@ -200,10 +212,9 @@ def main() -> int:
                 opts = RunOptions(target_mpp=mpp, progress=False)
                 with open_slide(slide) as s:
                     ref_mask = np.asarray(predict_slide(s, reference, opts).mask) == fg
-                    for k, m in models.items():
-                        if k in agreement:
-                            mask = np.asarray(predict_slide(s, m, opts).mask) == fg
-                            agreement[k][f"{slide.name} @ {mpp:g}"] = dice(ref_mask, mask)
+                    for k, scores in agreement.items():
+                        mask = np.asarray(predict_slide(s, models[k], opts).mask) == fg
+                        scores[f"{slide.name} @ {mpp:g}"] = dice(ref_mask, mask)
         sweep = interleaved_ms(
             ort_session_runs(fp32_path, entry.input.input_name, inputs["onnxruntime fp32"]),
             len(tiles),
@@ -218,6 +229,8 @@ def main() -> int:
         "load_average": os.getloadavg(),
         "openvino": "not run: " + no_openvino if no_openvino else "run",
         "calibration": f"{len(calib)} tissue tiles of {bundled.name} at {a.mpp[0]:g} µm/px",
+        "convolutions_left_float": 2 * a.keep_float_convs,
+        "openvino_int8_convolutions_by_runtime_precision": conv_precisions,
         "quantisation_seconds": quant_s,
         "tiles": f"{len(tiles)} tissue tiles of cmu-1-small-region.svs and tcga-cr-7395-01a-01-ts1.svs",
         "rounds": a.rounds,
@@ -232,6 +245,10 @@ def main() -> int:
     load = " ".join(f"{x:.2f}" for x in result["load_average"])
     print(
         f"{entry.id}; CPU cores {os.cpu_count()}; int8 dot-product: {int8_isa}; load average {load}; {a.rounds} rounds"
+    )
+    print(
+        f"int8: {result['calibration']}, {result['convolutions_left_float']} convolutions left float; "
+        f"OpenVINO runs its convolutions as {conv_precisions or 'not run'}"
     )
     print("| engine, precision | ms/tile (min) | ms/tile (median) | vs ORT fp32 | max \\|Δp\\| | lowest Dice vs fp32 |")
     print("|---|---|---|---|---|---|")
