@@ -71,8 +71,12 @@ def corrected_mask(
 
 
 def class_lookup(classes: Sequence[ClassStyle], class_aliases: dict[str, str] | None = None) -> dict[str, int]:
-    """Class name (or pattern) -> label: the model's classes plus ``class_aliases``."""
+    """Class name (or pattern) -> label: the model's classes, their QuPath names (``Ignore*`` matched
+    literally, not as a pattern), plus ``class_aliases``."""
     class_map = {c.name: c.index for c in classes}
+    for c in classes:
+        if c.qupath_name and c.qupath_name != c.name:  # glob characters escaped: 'Ignore*' is a name, not a pattern
+            class_map["".join(f"[{ch}]" if ch in "*?[" else ch for ch in c.qupath_name)] = c.index
     for alias, target in (class_aliases or {}).items():
         value = next((c.index for c in classes if c.name.casefold() == target.casefold()), None)
         if value is None:

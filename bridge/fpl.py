@@ -494,9 +494,11 @@ def model_config_txt(entry: ModelEntry, engine: str = "ONNXRuntime") -> str:
     return "\n".join(f"{k}:{v}" for k, v in rows.items()) + "\n"
 
 
-def repo_pipeline_files(entry: ModelEntry, engine: str = "ONNXRuntime") -> dict[str, str]:
+def repo_pipeline_files(entry: ModelEntry, engine: str = "ONNXRuntime", versioned: bool = False) -> dict[str, str]:
     """The ``pipelines/`` files kept for ``entry``: file name -> text.
 
+    ``<name>.fpl`` for a model's newest version; ``versioned`` (an older version kept in the registry):
+    ``<name>-<version>.fpl``, so each registered version keeps its own pipeline.
     Model paths are ``$CURRENT_PATH$/../<weights.uri>``, which resolves both in a
     checkout (``pipelines/`` beside ``models/``) and in the installed package
     (``zoo/pipelines`` beside ``zoo/models``).
@@ -504,7 +506,8 @@ def repo_pipeline_files(entry: ModelEntry, engine: str = "ONNXRuntime") -> dict[
     model_path: str | dict[str, str] = f"$CURRENT_PATH$/../{entry.weights.uri}"
     if entry.stages:
         model_path = {name: f"$CURRENT_PATH$/../{view.weights.uri}" for name, view in entry.networks()}
+    stem = f"{entry.name}-{entry.version}" if versioned else entry.name
     return {
-        f"{entry.name}.fpl": write_fpl(render_pipeline(entry, "fastpathology", engine, model_path)),
-        f"{entry.name}_export.fpl": write_fpl(render_pipeline(entry, "export", engine, model_path)),
+        f"{stem}.fpl": write_fpl(render_pipeline(entry, "fastpathology", engine, model_path)),
+        f"{stem}_export.fpl": write_fpl(render_pipeline(entry, "export", engine, model_path)),
     }

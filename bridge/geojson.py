@@ -41,11 +41,26 @@ UNCLASSIFIED = "Unclassified"
 
 @dataclass(frozen=True)
 class ClassStyle:
-    """A class as QuPath shows it: label value in masks, name and RGB colour."""
+    """A class as QuPath shows it: label value in masks, name and RGB colour.
+
+    ``qupath_name``: the classification QuPath knows it by when not ``name`` (e.g. ``Ignore*``); on
+    import it maps back to this class.
+    """
 
     index: int
     name: str
     color: tuple[int, int, int]
+    qupath_name: str | None = None
+
+    @staticmethod
+    def from_meta(c: Mapping[str, Any]) -> ClassStyle:
+        """From a mask's metadata (``{"index", "name", "color", "qupath_name"?}``)."""
+        q = c.get("qupath_name")
+        return ClassStyle(int(c["index"]), str(c["name"]), tuple(int(v) for v in c["color"])[:3], q or None)  # type: ignore[arg-type]
+
+
+#: coordinates are written rounded to this grid (level-0 px): 0.01 px, as QuPath 0.6+ snap-rounds
+WRITTEN_GRID_PX = 0.01
 
 
 def mask_to_polygons(
@@ -125,7 +140,10 @@ def mask_to_polygons(
                     [p for p, b in zip(arr, bad) for p in (_polygons_of(shapely.make_valid(p)) if b else [p])],
                     dtype=object,
                 )
-        keep = [p for p in arr if isinstance(p, Polygon) and not p.is_empty and p.area > min_area]
+        # snap to the 0.01 px grid the file is written at (as QuPath 0.6+ does on import): rounding a valid
+        # ring can make it cross itself; set_precision's output is valid at that precision
+        arr = shapely.set_precision(arr, WRITTEN_GRID_PX)
+        keep = [q for p in arr for q in _polygons_of(p) if q.is_valid and q.area > min_area]
         if keep:
             out[val] = keep
     return dict(sorted(out.items()))
@@ -446,7 +464,14 @@ def _features_of(doc: Any, source: str) -> list[Any]:
     if isinstance(doc, dict):
         t = doc.get("type")
         if t == "FeatureCollection":
-            return list(doc.get("features") or [])
+            feats = doc.get("features")
+            if feats is None:
+                return []
+            if not isinstance(feats, list):
+                raise GeoJSONError(
+                    f"{source}: 'features' is a {type(feats).__name__}, not a list; re-export it from QuPath"
+                )
+            return feats
         if t == "Feature":
             return [doc]
         if t in (
@@ -478,53 +503,81 @@ def parse_qupath_geojson(doc: Any, source: str = "<geojson>", bounds_px: tuple[i
     report.total = len(features)
     for k, feat in enumerate(features):
         fid = feat.get("id", k) if isinstance(feat, dict) else k
-        if not isinstance(feat, dict) or not isinstance(feat.get("geometry"), dict):
-            report.rejected.append(f"feature {fid}: no geometry")
-            continue
+        if not isinstance(fid, (str, int)):
+            fid = k
         try:
-            geom = shape(feat["geometry"])
-        except (ValueError, TypeError, AttributeError, IndexError, shapely.errors.GEOSException) as err:
-            report.rejected.append(f"feature {fid}: unreadable geometry ({err})")
-            continue
-        if geom.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
-            report.rejected.append(f"feature {fid}: {geom.geom_type} has no area (only Polygon/MultiPolygon)")
-            continue
-        if not np.isfinite(shapely.get_coordinates(geom)).all():
-            report.rejected.append(f"feature {fid}: a coordinate is NaN or infinite")
-            continue
-        try:
-            if not geom.is_valid:
-                geom = shapely.make_valid(geom)
-                report.repaired += 1
-        except shapely.errors.GEOSException as err:
-            report.rejected.append(f"feature {fid}: geometry cannot be repaired ({err})")
-            continue
-        polys = _polygons_of(geom)
-        if not polys:
-            report.rejected.append(f"feature {fid}: no area after repair")
-            continue
-        geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
-        if frame is not None and not frame.contains(geom):
-            clipped = _polygons_of(geom.intersection(frame))
-            if not clipped:
-                report.rejected.append(f"feature {fid}: lies outside the slide (0..{bounds_px[0]}, 0..{bounds_px[1]})")  # type: ignore[index]
-                continue
-            geom = clipped[0] if len(clipped) == 1 else MultiPolygon(clipped)
-            report.clipped += 1
-        props = feat.get("properties") or {}
-        cls = props.get("classification") or {}
-        name = cls.get("name") if isinstance(cls, dict) else None
-        color: tuple[int, int, int] | None = None
-        if isinstance(cls, dict) and isinstance(cls.get("color"), list) and len(cls["color"]) >= 3:
-            color = tuple(int(c) for c in cls["color"][:3])  # type: ignore[assignment]
-        elif isinstance(cls, dict) and isinstance(cls.get("colorRGB"), int):
-            color = argb_to_rgb(cls["colorRGB"])
-        obj = props.get("objectType") or "annotation"  # 0.2 exports: "id": "PathAnnotationObject"
-        if feat.get("id") == "PathDetectionObject":
-            obj = "detection"
-        fid_text = feat.get("id") if isinstance(feat.get("id"), str) else None
-        report.annotations.append(Annotation(geom, name, color, str(obj), dict(props), fid_text))
+            reason = _read_feature(feat, fid, frame, report)
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError, OverflowError,
+                shapely.errors.ShapelyError) as err:  # fmt: skip
+            reason = f"unreadable ({type(err).__name__}: {str(err)[:120]})"
+        if reason:
+            report.rejected.append(f"feature {fid}: {reason}")
     return report
+
+
+def _read_feature(feat: Any, fid: Any, frame: Polygon | None, report: ImportReport) -> str | None:
+    """Add one feature to ``report.annotations``; return why it was rejected instead (None when kept)."""
+    if not isinstance(feat, dict) or not isinstance(feat.get("geometry"), dict):
+        return "no geometry"
+    props = feat.get("properties")
+    if props is None:
+        props = {}
+    if not isinstance(props, dict):
+        return f"properties is a {type(props).__name__}, not an object"
+    cls = props.get("classification")
+    if cls is None:
+        cls = {}
+    if not isinstance(cls, dict):
+        return f"classification is a {type(cls).__name__}, not an object with a name"
+    name = cls.get("name")
+    if name is not None and not isinstance(name, str):
+        return f"classification name {name!r} is not text"
+    color: tuple[int, int, int] | None = None
+    if cls.get("color") is not None:
+        c = cls["color"]
+        if not (isinstance(c, list) and len(c) >= 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c[:3])):
+            return f"classification colour {c!r} is not [red, green, blue] in 0-255"
+        color = (c[0], c[1], c[2])
+    elif isinstance(cls.get("colorRGB"), int):
+        color = argb_to_rgb(cls["colorRGB"])
+    gtype = feat["geometry"].get("type")
+    if gtype not in _GEOMETRY_TYPES:
+        return f"geometry type {gtype!r} is not GeoJSON (QuPath writes Polygon/MultiPolygon)"
+    try:
+        geom = shape(feat["geometry"])
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, shapely.errors.ShapelyError) as err:
+        return f"unreadable geometry ({err})"
+    if geom.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
+        return f"{geom.geom_type} has no area (only Polygon/MultiPolygon)"
+    if not np.isfinite(shapely.get_coordinates(geom)).all():
+        return "a coordinate is NaN or infinite"
+    try:
+        if not geom.is_valid:
+            geom = shapely.make_valid(geom)
+            report.repaired += 1
+    except shapely.errors.GEOSException as err:
+        return f"geometry cannot be repaired ({err})"
+    polys = _polygons_of(geom)
+    if not polys:
+        return "no area after repair"
+    geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+    if frame is not None and not frame.contains(geom):
+        clipped = _polygons_of(geom.intersection(frame))
+        if not clipped:
+            x1, y1 = frame.bounds[2:]
+            return f"lies outside the slide (0..{x1:g}, 0..{y1:g})"
+        geom = clipped[0] if len(clipped) == 1 else MultiPolygon(clipped)
+        report.clipped += 1
+    obj = props.get("objectType") or "annotation"  # 0.2 exports: "id": "PathAnnotationObject"
+    if feat.get("id") == "PathDetectionObject":
+        obj = "detection"
+    fid_text = feat.get("id") if isinstance(feat.get("id"), str) else None
+    report.annotations.append(Annotation(geom, name, color, str(obj), dict(props), fid_text))
+    return None
+
+
+_GEOMETRY_TYPES = ("Polygon", "MultiPolygon", "GeometryCollection", "Point", "LineString", "MultiPoint",
+                   "MultiLineString")  # fmt: skip
 
 
 def read_qupath_geojson(path: str | Path, bounds_px: tuple[int, int] | None = None) -> ImportReport:
@@ -540,6 +593,12 @@ def read_qupath_geojson(path: str | Path, bounds_px: tuple[int, int] | None = No
         raise GeoJSONError(f"{p}: no such file; check the path") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise GeoJSONError(f"{p}: not valid JSON ({err}); re-export it from QuPath") from err
+    except RecursionError as err:
+        raise GeoJSONError(f"{p}: JSON nested too deeply to be GeoJSON annotations; re-export it from QuPath") from err
+    except IsADirectoryError as err:
+        raise GeoJSONError(f"{p}: is a folder; pass the GeoJSON file exported from QuPath") from err
+    except OSError as err:
+        raise GeoJSONError(f"{p}: cannot read it ({err.strerror}); check the path and permissions") from err
     return parse_qupath_geojson(doc, str(p), bounds_px)
 
 

@@ -126,3 +126,80 @@ def tampered_registry(tmp_path: Path) -> Path:
         data[len(data) // 2] ^= 0xFF
         w.write_bytes(bytes(data))
     return dst / "registry.yaml"
+
+
+def make_broken_onnx(path: Path, kind: str, patch_px: int = 64, classes: int = 2) -> Path:
+    """Real ONNX graphs that return garbage, for the tests that a run refuses it (issue 22, item 3).
+
+    ``nan``: a 1x1 convolution with NaN weights, then a sigmoid (N, 1, H, W): NaN everywhere;
+    ``partly-nan``: ``sqrt(0.6 - mean(RGB))`` per pixel: NaN on bright pixels only;
+    ``out-of-range``: ``6 * mean(RGB) - 1`` per pixel, declared as a probability (-1..5);
+    ``nan-classifier``: (N, 3, H, W) -> (N, ``classes``) softmax of NaN-weighted pooled colours.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, patch_px, patch_px])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    inits = [axes] if kind in ("partly-nan", "out-of-range") else []
+    if kind == "nan-classifier":
+        out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])
+        inits.append(helper.make_tensor("w", TensorProto.FLOAT, [3, classes], [float("nan")] * (3 * classes)))
+        nodes = [
+            helper.make_node("GlobalAveragePool", ["image"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["f"]),
+            helper.make_node("MatMul", ["f", "w"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["prob"], axis=1),
+        ]
+    else:
+        out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, patch_px, patch_px])
+        if kind == "nan":
+            inits.append(helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], [float("nan")] * 3))
+            nodes = [helper.make_node("Conv", ["image", "w"], ["z"]), helper.make_node("Sigmoid", ["z"], ["prob"])]
+        elif kind == "partly-nan":
+            inits.append(helper.make_tensor("c", TensorProto.FLOAT, [], [0.6]))
+            nodes = [
+                helper.make_node("ReduceMean", ["image", "axes"], ["m"], keepdims=1),
+                helper.make_node("Sub", ["c", "m"], ["d"]),
+                helper.make_node("Sqrt", ["d"], ["prob"]),
+            ]
+        elif kind == "out-of-range":
+            inits += [
+                helper.make_tensor("a", TensorProto.FLOAT, [], [6.0]),
+                helper.make_tensor("b", TensorProto.FLOAT, [], [1.0]),
+            ]
+            nodes = [
+                helper.make_node("ReduceMean", ["image", "axes"], ["m"], keepdims=1),
+                helper.make_node("Mul", ["a", "m"], ["s"]),
+                helper.make_node("Sub", ["s", "b"], ["prob"]),
+            ]
+        else:
+            raise ValueError(kind)
+    graph = helper.make_graph(nodes, kind, [inp], [out], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def classifier_registry_text(weights: str, sha256: str, name: str = "nanclf", classes: int = 2) -> str:
+    """registry.yaml text with one patch classifier (64 px tiles, softmax over ``classes``) at ``weights``."""
+    names = ["Background", "Tumor", "Stroma", "Other"][:classes]
+    cls = "\n".join(f"      - {{index: {i}, name: {n}, color: [{40 * i}, 0, 0]}}" for i, n in enumerate(names))
+    return f"""schema_version: 1
+default_model: {name}
+models:
+  - name: {name}
+    version: 0.1.0
+    kind: patch-classification
+    task: tumour-segmentation
+    summary: broken test classifier
+    architecture: pooled colours
+    classes:
+{cls}
+    input: {{mode: tiled, patch_size_px: [64, 64], overlap: 0.5, input_name: image, target_mpp: 2.0}}
+    output: {{output_name: prob, activation: softmax, layout: NC, channels: {classes}}}
+    weights: {{uri: {weights}, sha256: {sha256}}}
+    licence: MIT
+    provenance: {{made_by: tests/conftest.py}}
+"""

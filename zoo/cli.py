@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="mask TIFF to QuPath GeoJSON, or GeoJSON to a mask TIFF", formatter_class=fmt)
     p.add_argument("source", help="mask.tiff written by `zoo run`, or a QuPath GeoJSON file")
     p.add_argument("--to", choices=["geojson", "tiff"], required=True, help="output format")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", required=True, help="output file (never one of the inputs; an existing file needs --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (never an input)")
     p.add_argument(
         "--like",
         default=None,
@@ -288,7 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prediction", help="mask.tiff from `zoo run` (or its results folder)")
     p.add_argument("edited", help="GeoJSON exported from QuPath after editing")
-    p.add_argument("--out", default=None, help="corrected mask TIFF (default: beside the prediction, corrected.tiff)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="corrected mask TIFF, with edits.png beside it (default: corrected.tiff beside the prediction); "
+        "never one of the inputs, and an existing file needs --force",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing corrected mask and edits.png")
     p.add_argument(
         "--baseline",
         default=None,
@@ -347,6 +354,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "default": m.name == reg.default_model,
             "licence": m.licence,
             "summary": m.summary,
+            "warning": m.warning,
         }
         for m in reg.models
     ]
@@ -357,6 +365,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for r in rows:
             kind = r["kind"] + (f" ({'+'.join(r['stages'])})" if len(r["stages"]) > 1 else "")
             print(f"{r['id']:<24} {kind:<21} {r['task']:<20} {'(default) ' if r['default'] else ''}{r['summary']}")
+            if r["warning"]:
+                print(f"{'':<24} WARNING: {r['warning']}")
     return 0
 
 
@@ -380,6 +390,8 @@ def model_card_text(entry: Any, reg: Any) -> str:
     spec, out, w = entry.input, entry.output, entry.weights
     lines = [f"{entry.id}  ({entry.task}{', default model' if entry.name == reg.default_model else ''})"]
     lines.append(f"  {entry.summary}")
+    if entry.warning:
+        lines.append(f"  WARNING: {entry.warning}")
     lines.append(f"  versions: {', '.join(reg.versions(entry.name))}")
     lines.append("  classes:")
     lines += [f"    {c.index:>3}  {c.name:<16} colour {tuple(c.color)}" for c in entry.classes]
@@ -504,7 +516,8 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         check_providers(args.providers)
     if args.device is not None and args.engine == "onnxruntime":
         check_providers(["CUDAExecutionProvider"])
-    verified_model_files(entry, reg)  # a tampered model fails once, before any output
+    for _, view in entry.networks():  # a tampered or mismatched network, any stage, fails once, before any output
+        verified_model_files(view, reg)
     from zoo.verify import gpu_engines, select_engine
 
     gpu = gpu_engines(entry, args.engine, args.providers, args.device)
@@ -520,6 +533,8 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         con = Console(args.quiet, args.json, args.log)
     except OSError as err:
         raise OutputError(f"{args.log}: cannot write the log ({err.strerror}); choose another --log file") from err
+    if entry.warning:
+        con.warn(f"warning: {entry.id}: {entry.warning}")
     run = RunOptions(
         target_mpp=args.mpp,
         level=args.level,
@@ -602,7 +617,7 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         for name, p in (("summary.csv", csv_path), ("summary.html", html_path)):
             if p is None:
                 con.warn(f"warning: {Path(args.out) / name} exists and was not written by zoo; left as it is")
-        if html_path is not None and len(results) > 1:
+        if ran and html_path is not None and len(results) > 1:
             con.note(f"pictures of every slide: {html_path}")
         elif len(results) == 1 and results[0].status != "failed" and results[0].out:
             con.note(f"picture: {Path(results[0].out) / 'overview.png'}")
@@ -663,10 +678,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from bridge.edits import corrected_mask
     from bridge.geojson import mask_to_feature_collection, read_qupath_geojson
-    from zoo.outputs import read_mask_tiff, write_json, write_mask_tiff
+    from zoo.outputs import guard_outputs, read_mask_tiff, write_json, write_mask_tiff
     from zoo.registry import load_registry
 
     src = Path(args.source)
+    out_path = Path(args.out)
+    inputs = [src] + ([Path(args.like)] if args.like else [])
+    replaced = guard_outputs([out_path], inputs, args.force)
     if args.to == "geojson":
         mask, mpp, meta = read_mask_tiff(src)
         classes = _classes(meta, args, load_registry)
@@ -675,7 +693,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         fc = mask_to_feature_collection(
             mask, [c for c in classes if c.index != 0], ds, mpp0, args.simplify_um, args.min_area_um2, args.object_type
         )
-        write_json(Path(args.out), fc)
+        write_json(out_path, fc, overwrite=args.force)
+        _say_replaced(replaced)
         print(f"{args.out}: {len(fc['features'])} features")
         return 0
     if not args.like:
@@ -709,18 +728,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "map its classes with --class-map NAME=CLASS"
         )
     write_mask_tiff(
-        Path(args.out),
+        out_path,
         out,
         mpp,
         colormap={c.index: c.color for c in classes},
         description=json.dumps({**meta, "source": str(src)}),
+        overwrite=args.force,
     )
+    _say_replaced(replaced)
     print(json.dumps(report.summary()))
     return 0
 
 
+def _say_replaced(paths: list[Path]) -> None:
+    """With --force, say on stderr which existing files were replaced."""
+    for p in paths:
+        print(f"replaced {p} (--force)", file=sys.stderr)
+
+
 def _edits_picture(
-    dest: Path, model_mask: Any, edited: Any, given: Any, meta: dict[str, Any], mpp: float | None
+    dest: Path,
+    model_mask: Any,
+    edited: Any,
+    given: Any,
+    meta: dict[str, Any],
+    mpp: float | None,
+    overwrite: bool = True,
 ) -> Path:
     """``edits.png``: where the edit agrees with what the pathologist was given, and what they added or removed."""
     import numpy as np
@@ -760,7 +793,9 @@ def _edits_picture(
         for c in classes
     }
     caption = f"edits of {meta.get('model', '?')} · baseline: {'exported GeoJSON' if given is not None else 'mask'}"
-    return render_overview(dest, thumb, sampled, classes, mpp / ds * thumb_ds if mpp else None, caption, areas)
+    return render_overview(
+        dest, thumb, sampled, classes, mpp / ds * thumb_ds if mpp else None, caption, areas, overwrite
+    )
 
 
 def _is_label_tiff(path: Path) -> bool:
@@ -790,27 +825,55 @@ def _classes_of_geojson(path: Path) -> list[Any]:
 
 
 def _classes(meta: dict[str, Any], args: argparse.Namespace, load_registry: Any) -> list[Any]:
+    """A mask's classes (from its metadata, else from --model or the model it names), QuPath names included."""
     from bridge.geojson import ClassStyle
 
     if meta.get("classes") and not args.model:
-        return [ClassStyle(int(c["index"]), c["name"], tuple(c["color"])) for c in meta["classes"]]
+        return _with_qupath_names([ClassStyle.from_meta(c) for c in meta["classes"]], meta, args, load_registry)
     entry = load_registry(args.registry).get(args.model or meta.get("model"))
-    return [ClassStyle(c.index, c.name, tuple(c.color)) for c in entry.classes]
+    return [ClassStyle(c.index, c.name, tuple(c.color), c.qupath_name) for c in entry.classes]
+
+
+def _with_qupath_names(
+    classes: list[Any], meta: dict[str, Any], args: argparse.Namespace, load_registry: Any
+) -> list[Any]:
+    """Masks written before their metadata carried ``qupath_name``: take it from the registered model, if any."""
+    import dataclasses
+
+    if any(c.qupath_name for c in classes) or not meta.get("model"):
+        return classes
+    try:
+        entry = load_registry(getattr(args, "registry", None)).get(str(meta["model"]))
+    except ZooError:
+        return classes
+    names = {c.index: c.qupath_name for c in entry.classes if c.qupath_name}
+    return [dataclasses.replace(c, qupath_name=names.get(c.index)) for c in classes]
+
+
+def _load_registry() -> Any:
+    from zoo.registry import load_registry
+
+    return load_registry
 
 
 def cmd_edits(args: argparse.Namespace) -> int:
     from bridge.edits import corrected_mask, edit_report
     from bridge.geojson import ClassStyle, read_qupath_geojson
-    from zoo.outputs import read_mask_tiff, write_mask_tiff
+    from zoo.outputs import guard_outputs, read_mask_tiff, write_mask_tiff
 
     pred_path = Path(args.prediction)
     if pred_path.is_dir():
         pred_path = pred_path / "mask.tiff"
+    out = Path(args.out) if args.out else pred_path.with_name("corrected.tiff")
+    picture = out.with_name("edits.png")
+    baseline_path = Path(args.baseline) if args.baseline else pred_path.with_name("annotations.geojson")
+    inputs = [pred_path, Path(args.edited), baseline_path]
+    replaced = guard_outputs([out, picture], inputs, args.force)
     pred, mpp, meta = read_mask_tiff(pred_path)
     if not meta.get("classes"):
         print(f"error: {pred_path}: has no class metadata; pass a mask written by `zoo run`", file=sys.stderr)
         return 1
-    classes = [ClassStyle(int(c["index"]), c["name"], tuple(c["color"])) for c in meta["classes"]]
+    classes = _with_qupath_names([ClassStyle.from_meta(c) for c in meta["classes"]], meta, args, _load_registry())
     ds = float(meta.get("downsample", 1.0))
     w0, h0 = round(pred.shape[1] * ds), round(pred.shape[0] * ds)
     aliases = _class_map(args.class_map)
@@ -821,7 +884,6 @@ def cmd_edits(args: argparse.Namespace) -> int:
             f"{args.edited}: none of its {report.total} feature(s) is usable ({'; '.join(report.rejected[:3])}); "
             "map its classes with --class-map NAME=CLASS or export the edited objects again"
         )
-    baseline_path = Path(args.baseline) if args.baseline else pred_path.with_name("annotations.geojson")
     given = None
     if baseline_path.is_file():
         base = read_qupath_geojson(baseline_path, bounds_px=(w0, h0))
@@ -830,16 +892,22 @@ def cmd_edits(args: argparse.Namespace) -> int:
         raise GeoJSONError(f"{baseline_path}: no such file; pass the GeoJSON the pathologist was given")
     result = edit_report(pred, fixed, classes, (mpp * mpp) if mpp else None, given)
     result["baseline_file"] = str(baseline_path) if given is not None else None
-    out = Path(args.out) if args.out else pred_path.with_name("corrected.tiff")
     write_mask_tiff(
         out,
         fixed,
         mpp,
         colormap={c.index: c.color for c in classes},
         description=json.dumps({**meta, "edited": str(args.edited)}),
+        overwrite=args.force,
     )
     result.update({"import": report.summary(), "corrected_mask": str(out)})
-    result["picture"] = str(_edits_picture(out.with_name("edits.png"), pred, fixed, given, meta, mpp))
+    try:
+        result["picture"] = str(_edits_picture(picture, pred, fixed, given, meta, mpp, overwrite=args.force))
+    except BaseException:
+        out.unlink(missing_ok=True)  # this run's own mask: no half result (the picture failed)
+        raise
+    result["replaced"] = [str(p) for p in replaced]
+    _say_replaced(replaced)
     if args.json:
         _print(result, True)
     else:
@@ -868,7 +936,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         for entry in reg.models:
             try:
-                files = repo_pipeline_files(entry)
+                files = repo_pipeline_files(entry, versioned=entry.version != reg.versions(entry.name)[-1])
             except FplError as err:  # FAST cannot run it: say why, keep going
                 print(f"skipped {entry.id}: {err}", file=sys.stderr)
                 continue

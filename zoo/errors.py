@@ -63,6 +63,22 @@ class ModelInputError(ZooError, ValueError):
     """A model's inputs or outputs do not match what its registry entry says."""
 
 
+class ModelOutputError(ModelInputError):
+    """A network returned something that is not a probability (NaN, Inf, out of [0, 1], wrong channels).
+
+    ``batch_index``: the first bad input of the batch, and ``where`` the words naming it in the message
+    (the runner replaces them with the tile's position).
+    """
+
+    def __init__(self, message: str, batch_index: int | None = None, where: str = "") -> None:
+        super().__init__(message)
+        self.batch_index, self.where = batch_index, where
+
+
+class OutputExistsError(ZooError, FileExistsError):
+    """An output would overwrite a file the command was given, or an existing file without ``--force``."""
+
+
 class GeoJSONError(ZooError, ValueError):
     """A GeoJSON file cannot be read as annotations."""
 

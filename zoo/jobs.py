@@ -8,6 +8,11 @@ Safety rules, each tested in ``tests/zoo/test_jobs.py``:
   safe names collide within a batch (``a/s.svs`` and ``b/s.svs``, ``case1.svs`` and
   ``case1.tif``, names differing only in case), or whose folder already holds another
   slide's results, get ``<name>-<8 hex digits of the slide's resolved path>``.
+* Each (slide, model) keeps its own complete result: a folder that holds another model's
+  results of the same slide is never written into; the second model's go to
+  ``<name>-<model name>/`` (decided again under the lock, so concurrent runs of two models
+  on one slide also end in two folders). ``summary.csv`` keeps the rows of earlier runs
+  into the same ``--out`` whose folders still exist.
 * Results are built in a hidden ``.<name>.XXXXXXXX.partial`` folder (marked as zoo's own)
   and moved into place when complete. A folder that exists already is only written into
   when its ``run.json`` says it holds this slide's results; then only the files this run
@@ -29,6 +34,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -193,41 +199,62 @@ def slide_tag(slide: Path) -> str:
     return hashlib.sha256(str(_resolved(slide)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
-def _owner(folder: Path) -> str | None:
-    """The resolved slide path whose results ``folder`` holds (from its run.json), else None."""
+def _owner(folder: Path) -> tuple[str | None, str | None]:
+    """(resolved slide path, model name) whose results ``folder`` holds (from its run.json), else Nones."""
     try:
         info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    src = info.get("source", {}).get("resolved_path") if isinstance(info, dict) else None
-    return src if isinstance(src, str) else None
+        return None, None
+    if not isinstance(info, dict):
+        return None, None
+    src = (info.get("source") or {}).get("resolved_path") if isinstance(info.get("source"), dict) else None
+    model = info.get("model")
+    name = str(model.get("id", "")).partition("@")[0] if isinstance(model, dict) else None
+    return (src if isinstance(src, str) else None), (name or None)
 
 
-def writable_for(folder: Path, slide: Path) -> bool:
-    """True when a run on ``slide`` may write into ``folder``: it does not exist, is an empty real folder,
-    or its run.json says it holds this slide's results. Anything else (a symlink, a file, another
-    slide's results, files of unknown origin, a run.json without a source) is never written into."""
+def writable_for(folder: Path, slide: Path, model: str | None = None) -> bool:
+    """True when a run of ``model`` (a name or ``name@version``) on ``slide`` may write into ``folder``: it
+    does not exist, is an empty real folder, or its run.json says it holds this slide's results from this
+    model (any version; a run.json still being replaced names no model and counts as this model's).
+    Anything else (a symlink, a file, another slide's or another model's results, files of unknown
+    origin, a run.json without a source) is never written into."""
     if folder.is_symlink():
         return False
     if not folder.exists():
         return True
     if not folder.is_dir():
         return False
-    return _owner(folder) == str(_resolved(slide)) or not any(folder.iterdir())
+    src, owner_model = _owner(folder)
+    if src is None:
+        return not any(folder.iterdir())
+    wanted = model.partition("@")[0] if model else None
+    return src == str(_resolved(slide)) and (wanted is None or owner_model in (None, wanted))
 
 
-def result_dirs(slides: Sequence[Path], out_dir: str | Path) -> dict[Path, Path]:
-    """Each slide's result folder inside ``out_dir`` (see the module docstring for the rules)."""
+def holds_other_model(folder: Path, slide: Path, model: str | None) -> bool:
+    """True when ``folder`` holds ``slide``'s results from a model other than ``model``."""
+    src, owner_model = _owner(folder)
+    wanted = model.partition("@")[0] if model else None
+    return src == str(_resolved(slide)) and None not in (owner_model, wanted) and owner_model != wanted
+
+
+def result_dirs(slides: Sequence[Path], out_dir: str | Path, model: str | None = None) -> dict[Path, Path]:
+    """Each slide's result folder inside ``out_dir`` for ``model`` (see the module docstring for the rules)."""
     out = Path(out_dir)
     groups: dict[str, set[Path]] = {}
     for s in slides:
         groups.setdefault(safe_name(slide_stem(s)).casefold(), set()).add(_resolved(s))
+    model_tag = safe_name(model.partition("@")[0]) if model else ""
     dirs: dict[Path, Path] = {}
     for s in slides:
         base = safe_name(slide_stem(s))
         shared = len(groups[base.casefold()]) > 1
-        taken = not writable_for(out / base, s)
-        name = f"{base[: MAX_NAME_CHARS - 9]}-{slide_tag(s)}" if shared or taken else base
+        name = base
+        if not shared and not writable_for(out / base, s, model) and holds_other_model(out / base, s, model):
+            name = f"{base[: MAX_NAME_CHARS - len(model_tag) - 1]}-{model_tag}"
+        if shared or not writable_for(out / name, s, model):
+            name = f"{name[: MAX_NAME_CHARS - 9]}-{slide_tag(s)}"
         dest = out / name
         if _resolved(dest).parent != _resolved(out):  # cannot happen with safe_name; never trust it blindly
             raise OutputError(f"{s}: result folder {dest} would leave {out}; rename the slide")
@@ -412,7 +439,7 @@ def run_slide(
     slide_path = Path(slide_path)
     reg = registry or load_registry(cfg.registry_path)
     entry = reg.get(cfg.model)
-    dest = dest or result_dirs([slide_path], cfg.out_dir)[slide_path]
+    dest = dest or result_dirs([slide_path], cfg.out_dir, entry.name)[slide_path]
     if not slide_path.exists():
         from zoo.errors import SlideOpenError
 
@@ -421,7 +448,15 @@ def run_slide(
         removed = remove_stale_partials(dest)
         if removed and on_message:
             on_message(f"{dest}: removed {removed} partial result folder(s) left by an interrupted run")
-        if not writable_for(dest, slide_path):
+        moved = not writable_for(dest, slide_path, entry.name) and holds_other_model(dest, slide_path, entry.name)
+    if moved:  # another model's results of this slide arrived first (a concurrent run): a folder of our own
+        alt = result_dirs([slide_path], dest.parent, entry.name)[slide_path]
+        if alt != dest:
+            if on_message:
+                on_message(f"{dest}: holds another model's results of this slide; writing {entry.name}'s to {alt}")
+            return run_slide(slide_path, cfg, reg, alt, on_message)
+    with result_lock(dest, on_message):
+        if not writable_for(dest, slide_path, entry.name):
             raise OutputError(
                 f"{dest}: exists and does not hold this slide's results (another slide's, or not written by zoo); "
                 "move it away or choose another --out"
@@ -486,7 +521,7 @@ def _run_locked(
     mpp_source = choice.mpp_source if choice else ("file" if slide_info["mpp"] else "--slide-mpp")
     mpp0_assumed = mpp_source in ("assumed default", "objective power")
     # QuPath classification per class (``qupath_name``, e.g. "Ignore*" for regions to leave out)
-    classes = [ClassStyle(c.index, c.qupath_name or c.name, tuple(c.color)) for c in entry.classes]  # type: ignore[arg-type]
+    classes = [ClassStyle(c.index, c.qupath_name or c.name, tuple(c.color), c.qupath_name) for c in entry.classes]  # type: ignore[arg-type]
     fractions = pred.class_fractions()
     mean_prob = pred.mean_class_probability()
     mask_mpp = None if mpp0 is None else mpp0 * pred.downsample
@@ -513,7 +548,11 @@ def _run_locked(
             "model": entry.id,
             "downsample": pred.downsample,
             "mpp": mask_mpp,
-            "classes": [{"index": c.index, "name": c.name, "color": list(c.color)} for c in entry.classes],
+            "classes": [
+                {"index": c.index, "name": c.name, "color": list(c.color)}
+                | ({"qupath_name": c.qupath_name} if c.qupath_name else {})
+                for c in entry.classes
+            ],
             "slide": str(slide_path),
         }
         if "tiff" in cfg.formats:
@@ -611,6 +650,7 @@ def _run_locked(
             "stats": pred.stats,
             "seconds": round(time.perf_counter() - t0, 3),
             "outputs": outputs,
+            "warnings": resolution_warnings(entry, cfg, choice),
         }
         write_json(work / "run.json", run_info)
         raise_if_signalled()  # a stop request a library swallowed: still nothing published
@@ -619,11 +659,13 @@ def _run_locked(
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
         pred.close()
-    warnings = []
+    warnings = list(run_info["warnings"])
     pre = pred.stats.get("premask_tissue_fraction")
-    if pre and pre > 0 and not any(fractions.get(c.index, 0.0) for c in entry.foreground):
+    found_none = not any(fractions.get(c.index, 0.0) for c in entry.foreground)
+    if entry.task == "tissue-segmentation" and pre and pre > 0 and found_none:  # for tumour models "none" is an answer
+        run_mpp = choice.mpp if choice else pred.mpp
         warnings.append(
-            f"the pre-mask sees tissue ({pre:.1%} of the slide) but the model found none at {pred.mpp:g} µm/px: "
+            f"the pre-mask sees tissue ({pre:.1%} of the slide) but the model found none at {run_mpp:g} µm/px: "
             "small tissue may vanish at a coarse resolution; try a finer --mpp (e.g. --mpp 2 or 1)"
         )
     summary = {
@@ -641,6 +683,33 @@ def _run_locked(
         "warnings": warnings,
     }
     return JobResult(str(slide_path), "ok", str(dest), summary=summary)
+
+
+#: how far (factor) from the nearest trained resolution a run may be before it is warned about
+TRAINED_MPP_SLACK = 2.0
+
+
+def resolution_warnings(entry: ModelEntry, cfg: JobConfig, choice: Any) -> list[str]:
+    """Warnings (also in run.json) for a resolution the slide cannot give, or far from what the model was trained at."""
+    out: list[str] = []
+    if choice is None:
+        return out
+    asked = cfg.run.target_mpp if cfg.run.level is None else None
+    if asked and choice.mpp > asked * 1.25:
+        out.append(
+            f"--mpp {asked:g} is finer than this slide's finest level ({choice.mpp0:g} µm/px): ran at "
+            f"{choice.mpp:g} µm/px, not upsampled; pass --mpp {choice.mpp0:g} or coarser to silence this"
+        )
+    trained = entry.input.trained_mpp
+    if trained and entry.input.mode == "tiled":
+        nearest = min(trained, key=lambda m: abs(math.log(choice.mpp / m)))
+        if not nearest / TRAINED_MPP_SLACK <= choice.mpp <= nearest * TRAINED_MPP_SLACK:
+            out.append(
+                f"{entry.id} ran at {choice.mpp:.3g} µm/px, far from what it was trained at "
+                f"({', '.join(f'{m:g}' for m in trained)} µm/px): expect unreliable results; "
+                f"use --mpp {nearest:g}"
+            )
+    return out
 
 
 def write_class_table(dest: Path, areas: dict[str, dict[str, Any]]) -> None:
@@ -700,7 +769,10 @@ def run_slide_safe(
     try:
         return run_slide(slide_path, cfg, dest=Path(dest) if dest else None, on_message=on_message)
     except ZooError as err:
-        return JobResult(str(slide_path), "failed", str(dest) if dest else None, error=str(err))
+        msg = str(err)
+        if str(slide_path) not in msg:  # a model's or an output's error: say which slide it stopped
+            msg = f"{slide_path}: {msg}"
+        return JobResult(str(slide_path), "failed", str(dest) if dest else None, error=msg)
     except MemoryError:
         return JobResult(str(slide_path), "failed", error=f"{slide_path}: out of memory; use a coarser --mpp")
     except Exception as err:  # an unexpected bug on one slide must not stop the batch
@@ -715,7 +787,7 @@ def run_many(
     on_message: Callable[[str], None] | None = None,
 ) -> list[JobResult]:
     """Run slides one after another in this process; failures are collected, not raised."""
-    dirs = result_dirs(slides, cfg.out_dir)
+    dirs = result_dirs(slides, cfg.out_dir, cfg.model)
     results = []
     for k, s in enumerate(slides):
         label = f"[{k + 1}/{len(slides)}] {s.name}"
@@ -756,7 +828,7 @@ def run_many_dask(
         ) from err
 
     cfg = replace(cfg, run=replace(cfg.run, progress=False))
-    dirs = result_dirs(slides, cfg.out_dir)
+    dirs = result_dirs(slides, cfg.out_dir, cfg.model)
     cluster = None
     try:
         if scheduler:
@@ -848,6 +920,33 @@ def summary_row(r: JobResult) -> dict[str, Any]:
     }
 
 
+def _earlier_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a summary.csv zoo wrote earlier into the same --out, for (slide, model) pairs this batch did not
+    run and whose result folder still exists (a second model's run keeps the first model's row)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != SUMMARY_COLUMNS:
+                return []
+            old = list(reader)
+    except (OSError, ValueError, csv.Error):
+        return []
+
+    def key(r: dict[str, Any]) -> tuple[str, str]:
+        return str(_resolved(Path(str(r.get("slide", ""))))), str(r.get("model", "")).partition("@")[0]
+
+    now = {key(r) for r in rows}
+    folders = {str(r.get("result_folder")) for r in rows}
+    return [
+        r
+        for r in old
+        if r.get("status") != "failed"
+        and key(r) not in now
+        and r.get("result_folder") not in folders
+        and Path(r.get("result_folder") or "\0").is_dir()
+    ]
+
+
 def write_batch_summary(out_dir: str | Path, results: Sequence[JobResult]) -> tuple[Path | None, Path | None]:
     """``summary.csv`` and ``summary.html`` in ``out_dir``; a file of that name that zoo did not write is kept,
     and then that summary is not written (returned as None)."""
@@ -856,6 +955,7 @@ def write_batch_summary(out_dir: str | Path, results: Sequence[JobResult]) -> tu
 
     out = Path(out_dir)
     rows = [summary_row(r) for r in results]
+    rows = _earlier_rows(out / "summary.csv", rows) + rows
     csv_path: Path | None = out / "summary.csv"
     html_path: Path | None = out / "summary.html"
     assert csv_path is not None and html_path is not None

@@ -18,16 +18,52 @@ from typing import Any
 
 import numpy as np
 
-from zoo.errors import OutputError
+from zoo.errors import OutputError, OutputExistsError
 from zoo.labelmask import RowSource, as_rows
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one file (same path once resolved, or hard links of one inode)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, RuntimeError):
+        return False
+
+
+def guard_outputs(outputs: list[Path], inputs: list[Path], force: bool) -> list[Path]:
+    """Check, before anything is written, that no output is one of the command's ``inputs`` and that none
+    exists already unless ``force``; return the existing outputs that ``force`` will replace.
+
+    Raises:
+        OutputExistsError: an output is an input (never allowed, even with ``force``), or it exists and
+            ``force`` is off; the message names the file and the fix.
+    """
+    for out in outputs:
+        for src in inputs:
+            if _same_file(out, src):
+                raise OutputExistsError(
+                    f"{out}: is an input of this command ({src}); it is never overwritten: choose another --out"
+                )
+        if out.is_dir():
+            raise OutputError(f"{out}: is a folder; give a file name to write to")
+    replaced = [o for o in outputs if o.exists() or o.is_symlink()]
+    if replaced and not force:
+        raise OutputExistsError(f"{replaced[0]}: exists already; choose another --out, or pass --force to replace it")
+    return replaced
+
+
 @contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
+def atomic_path(dest: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``dest``; rename it onto ``dest`` only on success.
+
+    ``overwrite=False``: the file is linked into place only if nothing has appeared at ``dest`` meanwhile
+    (no check-then-write race).
 
     Raises:
         OutputError: ``dest`` is a folder, or it cannot be written (no permission, no space left).
+        OutputExistsError: ``overwrite`` is off and ``dest`` exists.
     """
     if dest.is_dir():
         raise OutputError(f"{dest}: is a folder; give a file name to write to")
@@ -41,9 +77,17 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o666 & ~current_umask())
-        tmp.replace(dest)
+        if overwrite:
+            tmp.replace(dest)
+        else:
+            try:
+                os.link(tmp, dest)  # fails if dest exists: never replaces what appeared meanwhile
+            except FileExistsError as err:
+                raise OutputExistsError(
+                    f"{dest}: appeared while it was being written; nothing was replaced: choose another --out"
+                ) from err
     except OSError as err:
-        if isinstance(err, OutputError):
+        if isinstance(err, (OutputError, OutputExistsError)):
             raise
         why = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         raise OutputError(f"{dest}: cannot write ({why}); free space or choose another output path") from err
@@ -58,9 +102,9 @@ def current_umask() -> int:
     return mask
 
 
-def write_json(dest: Path, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically."""
-    with atomic_path(dest) as tmp:
+def write_json(dest: Path, obj: Any, overwrite: bool = True) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, atomically (``overwrite``: see :func:`atomic_path`)."""
+    with atomic_path(dest, overwrite) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
 
 
@@ -72,6 +116,7 @@ def write_mask_tiff(
     min_level_side_px: int = 256,
     colormap: dict[int, tuple[int, int, int]] | None = None,
     description: str = "",
+    overwrite: bool = True,
 ) -> int:
     """Write a uint8 label mask as a tiled pyramidal TIFF; return the number of levels.
 
@@ -88,6 +133,7 @@ def write_mask_tiff(
         min_level_side_px: stop adding levels when the short side would be below this.
         colormap: class index -> RGB, stored as a TIFF palette so viewers show colours.
         description: ImageDescription of the first page (e.g. JSON with the model id).
+        overwrite: replace an existing ``dest`` (see :func:`atomic_path`).
     """
     import tifffile
 
@@ -102,7 +148,7 @@ def write_mask_tiff(
         cmap = np.zeros((3, 256), np.uint16)
         for idx, rgb in colormap.items():
             cmap[:, idx] = np.asarray(rgb, np.uint16) * 257
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, overwrite) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=h0 * w0 > 2**31) as tif:
             for k, shape in enumerate(shapes):
                 kw: dict[str, Any] = {}

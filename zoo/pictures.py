@@ -42,6 +42,10 @@ def _nice_length_mm(width_mm: float) -> float:
     return max(m * base for m in (1, 2, 5) if m * base <= target) if target >= base else base
 
 
+#: tallest overview canvas (inches at 120 dpi), whatever the slide's aspect
+MAX_FIGURE_HEIGHT_IN = 16.0
+
+
 def render_overview(
     dest: Path,
     thumb: np.ndarray,
@@ -50,8 +54,12 @@ def render_overview(
     um_per_px: float | None,
     caption: str,
     areas: dict[str, dict[str, Any]] | None = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Write ``overview.png``.
+    """Write ``overview.png`` (atomically; ``overwrite=False`` never replaces an existing file).
+
+    The canvas is 8 inches wide and 1-16 inches tall whatever the slide's aspect (a 3000 x 1 px slide
+    must not ask for a canvas of a million pixels), at 120 dpi.
 
     Args:
         thumb: (h, w, 3) uint8 slide thumbnail.
@@ -70,7 +78,8 @@ def render_overview(
 
     h, w = labels.shape
     fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w + 0.9), dpi=120)
+    fig_h = min(max(fig_w * h / max(w, 1), 1.0), MAX_FIGURE_HEIGHT_IN)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h + 0.9), dpi=120)
     ax.imshow(thumb, interpolation="lanczos")
     overlay = np.zeros((h, w, 4), np.float32)
     handles = []
@@ -109,14 +118,13 @@ def render_overview(
     ax.set_axis_off()
     fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=9, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial.png")
+    from zoo.outputs import atomic_path
+
     try:
-        fig.savefig(tmp, format="png")
-        tmp.replace(dest)
+        with atomic_path(dest, overwrite) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return dest
 
 

@@ -25,6 +25,7 @@ from zoo.errors import ChecksumMismatchError, ModelNotFoundError, RegistryError,
 
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
 RGB = Annotated[tuple[int, int, int], Field(description="colour as (red, green, blue), 0-255")]
+MAX_PATCH_PX = 16384
 
 
 class _Strict(BaseModel):
@@ -71,6 +72,13 @@ class InputSpec(_Strict):
     trained_mpp: list[float] = Field(default_factory=list, description="resolutions (µm/px) seen in training")
     multiresolution: bool = False
     batch_dynamic: bool = True
+
+    @field_validator("patch_size_px")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if any(not 1 <= s <= MAX_PATCH_PX for s in v):
+            raise ValueError(f"patch_size_px {list(v)} must be 1-{MAX_PATCH_PX} px on each side")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> InputSpec:
@@ -242,6 +250,9 @@ class ModelEntry(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
     test: TestSpec | None = None
     card: str | None = Field(None, description="model card (markdown), relative to the registry")
+    warning: str | None = Field(
+        None, description="what a user must know before trusting it (shown by `zoo list`, `zoo info` and `zoo run`)"
+    )
     selection: SelectionSpec = Field(default_factory=SelectionSpec, description="which tiles are classified")
     stage_name: str = Field("main", pattern=r"^[a-z0-9][a-z0-9-]*$", description="this network's stage name")
     stages: list[StageSpec] = Field(default_factory=list, description="cascade: the stages after this one")
@@ -267,6 +278,8 @@ class ModelEntry(_Strict):
         idx = [c.index for c in self.classes]
         if len(set(idx)) != len(idx):
             raise ValueError(f"duplicate class index in {idx}")
+        _check_class_names(self.classes)
+        _check_output_channels(self.output, self.classes, "output")
         if "fp32" not in self.precisions:
             raise ValueError("precisions must include fp32 (the reference every other precision is checked against)")
         if "int8" in self.precisions:
@@ -332,8 +345,7 @@ class ModelEntry(_Strict):
                 raise ValueError(f"{where}: precisions must include fp32")
             if st.output.layout == "NC":
                 raise ValueError(f"{where}: a later stage must output maps (NCHW/NHWC), not one vector")
-            if st.output.activation == "softmax" and st.output.channels != len(self.classes):
-                raise ValueError(f"{where}: {st.output.channels} softmax channels for {len(self.classes)} classes")
+            _check_output_channels(st.output, self.classes, f"{where} output")
             names.append(st.name)
             channels[st.name] = [c.name for c in self.classes]
 
@@ -387,6 +399,49 @@ class ModelEntry(_Strict):
         for w in [self.weights, *(st.weights for st in self.stages)]:
             out += [w.sha256, *(f.sha256 for f in w.files)]
         return out
+
+
+def _file_key(name: str) -> str:
+    """How a class name appears in file names (``probability_<name>.tiff``), case-folded."""
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".")[:80].rstrip(".") or "slide").casefold()
+
+
+def _check_class_names(classes: list[ClassSpec]) -> None:
+    """Refuse names that would merge on import or in file names: duplicates, names equal once sanitised
+    (``probability_<name>.tiff``), and a ``qupath_name`` that is another class's name or ``qupath_name``."""
+    names = [c.name for c in classes]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate class name(s) {dup}; each class needs its own name")
+    by_file: dict[str, str] = {}
+    for c in classes:
+        k = _file_key(c.name)
+        if k in by_file:
+            raise ValueError(
+                f"class names {by_file[k]!r} and {c.name!r} give the same file name probability_{k}.tiff "
+                "(case and characters other than letters, digits, '._-' are folded); rename one"
+            )
+        by_file[k] = c.name
+    owner: dict[str, str] = {}
+    for c in classes:
+        for label in {c.name, c.qupath_name or c.name}:
+            if owner.get(label, c.name) != c.name:
+                raise ValueError(
+                    f"classes {owner[label]!r} and {c.name!r} both answer to {label!r} (name or qupath_name); "
+                    "QuPath objects of that class could not be mapped back: give each its own"
+                )
+            owner[label] = c.name
+
+
+def _check_output_channels(out: OutputSpec, classes: list[ClassSpec], where: str) -> None:
+    """A softmax gives one channel per class; a sigmoid one per foreground class (or 1 for a binary mask)."""
+    n, fg = len(classes), len(classes) - 1
+    if out.activation == "softmax" and out.channels != n:
+        raise ValueError(f"{where}.channels {out.channels}: a softmax over {n} classes needs {n} channels")
+    if out.activation == "sigmoid" and out.channels not in (1, fg):
+        raise ValueError(
+            f"{where}.channels {out.channels}: a sigmoid output needs 1 channel or one per foreground class ({fg})"
+        )
 
 
 class Registry(_Strict):
@@ -586,7 +641,85 @@ def verified_model_files(entry: ModelEntry, registry: Registry) -> list[Path]:
                 f"{path}: {entry.id} loads external data {loc!r} that is not pinned; add it to weights.files "
                 f"with its sha256 in {registry.path}"
             )
+    check_graph_contract(entry, path)
     return [path, *extra]
+
+
+def _graph_io(path: Path) -> tuple[dict[str, list[int | str | None]], dict[str, list[int | str | None]]]:
+    """{name: shape} of an ONNX file's graph inputs (initialisers excluded) and outputs; a dim is an int,
+    a symbolic name, or None."""
+    import onnx
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises DecodeError and others
+        raise RegistryError(f"{path}: not a readable ONNX file ({err}); restore the model file") from err
+
+    def shape(v: Any) -> list[int | str | None]:
+        dims = v.type.tensor_type.shape.dim
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+    inits = {t.name for t in model.graph.initializer}
+    ins = {v.name: shape(v) for v in model.graph.input if v.name not in inits}
+    return ins, {v.name: shape(v) for v in model.graph.output}
+
+
+def check_graph_contract(entry: ModelEntry, path: Path) -> None:
+    """Compare ``entry``'s declared inputs and outputs (names, channels, layout, fixed sizes) with the ONNX graph.
+
+    Raises:
+        RegistryError: one line naming the entry, the stage and the registry field that disagrees.
+    """
+    ins, outs = _graph_io(path)
+    who = entry.id if entry.stage_name == "main" else f"{entry.id} stage {entry.stage_name!r}"
+    if not ins or not outs:
+        raise RegistryError(f"{path}: {who}: the ONNX graph has no inputs or outputs; restore or re-export the model")
+    spec_in, spec_out = entry.input, entry.output
+
+    def check_input(name: str, field: str, channels: int, size_px: tuple[int, int]) -> None:
+        if name not in ins:
+            raise RegistryError(
+                f"{path}: {who}: {field} {name!r} is not an input of the graph {sorted(ins)}; fix {field}"
+            )
+        dims = ins[name]
+        if len(dims) != 4:
+            raise RegistryError(
+                f"{path}: {who}: input {name!r} has rank {len(dims)}, not 4 (N, C, H, W or N, H, W, C); "
+                "re-export the model"
+            )
+        w, h = size_px
+        want = [channels, h, w] if spec_in.layout == "NCHW" else [h, w, channels]
+        what = ["channels", "height", "width"] if spec_in.layout == "NCHW" else ["height", "width", "channels"]
+        for got, exp, label in zip(dims[1:], want, what, strict=True):
+            if isinstance(got, int) and got > 0 and got != exp:
+                raise RegistryError(
+                    f"{path}: {who}: input {name!r} is {dims} but the registry declares {spec_in.layout} with {label} "
+                    f"{exp}; fix input.layout, input.channels or patch_size_px"
+                )
+
+    check_input(spec_in.input_name, "input.input_name", spec_in.channels, spec_in.patch_size_px)
+    for c in entry.context_inputs:
+        check_input(c.input_name, "context_inputs.input_name", spec_in.channels, c.patch_size_px)
+    if spec_out.output_name not in outs:
+        raise RegistryError(
+            f"{path}: {who}: output.output_name {spec_out.output_name!r} is not an output of the graph "
+            f"{sorted(outs)}; fix output.output_name"
+        )
+    dims = outs[spec_out.output_name]
+    rank = 2 if spec_out.layout == "NC" else 4
+    if dims and len(dims) != rank:
+        raise RegistryError(
+            f"{path}: {who}: output {spec_out.output_name!r} has rank {len(dims)} but output.layout "
+            f"{spec_out.layout!r} means rank {rank}; fix output.layout"
+        )
+    if dims:
+        ch = dims[1] if spec_out.layout in ("NC", "NCHW") else dims[3]
+        if isinstance(ch, int) and ch > 0 and ch != spec_out.channels:
+            raise RegistryError(
+                f"{path}: {who}: output {spec_out.output_name!r} has {ch} channels ({spec_out.layout} {dims}) but "
+                f"output.channels is {spec_out.channels} ({spec_out.activation} over {len(entry.classes)} classes); "
+                "fix output.channels/activation/layout or the classes"
+            )
 
 
 def _check_pinned(path: Path, sha256: str, entry: ModelEntry, registry: Registry, field_name: str) -> None:

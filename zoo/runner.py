@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import onnxruntime as ort
 from PIL import Image
 from scipy import ndimage as ndi
 
-from zoo.errors import ModelInputError, ProviderError, raise_if_signalled
+from zoo.errors import ModelInputError, ModelOutputError, ProviderError, raise_if_signalled
 from zoo.labelmask import UNKNOWN_LABEL, LabelMask
 from zoo.registry import ContextInput, InputSpec, ModelEntry
 from zoo.slide import (
@@ -39,6 +40,8 @@ from zoo.slide import (
     choose_level,
     level_region,
     model_dimensions,
+    read_scaled,
+    region_is_large,
     slide_base_mpp,
     thumbnail,
 )
@@ -517,25 +520,78 @@ class OnnxModel:
         return to_probabilities(self._feeds(feeds), self.entry)
 
     def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
-        """Network input batch (or ``{input name: batch}``) to (N, C, H, W) float32 class probabilities."""
+        """Network input batch (or ``{input name: batch}``) to (N, C, H, W) float32 class probabilities.
+
+        Raises:
+            ModelOutputError: see :func:`to_probabilities` (:func:`predict_tiles` names the tile).
+        """
         if isinstance(x, dict):
             return self.predict_feeds(x)
         return to_probabilities(self.raw(x), self.entry)
 
 
+def predict_tiles(
+    model: OnnxModel, x: np.ndarray | dict[str, np.ndarray], tiles_px: Sequence[tuple[int, int]]
+) -> np.ndarray:
+    """``model.predict(x)``; an output that is not a probability names its tile's (x, y) in level-0 px."""
+    try:
+        return model.predict(x)
+    except ModelOutputError as err:
+        if err.batch_index is None or err.batch_index >= len(tiles_px) or not err.where:
+            raise
+        tx, ty = tiles_px[err.batch_index]
+        raise ModelOutputError(str(err).replace(err.where, f"tile at x={tx}, y={ty} (level-0 px)")) from err
+
+
+#: how far outside [0, 1] a probability may stray (float rounding in the engines' softmax/sigmoid)
+PROBABILITY_SLACK = 1e-3
+
+
 def to_probabilities(raw: np.ndarray, entry: ModelEntry) -> np.ndarray:
-    """The network's raw output to (N, C, H, W) float32 class probabilities (layout, then activation)."""
+    """The network's raw output to (N, C, H, W) float32 class probabilities (layout, then activation).
+
+    Raises:
+        ModelOutputError: the output has the wrong number of channels, or values that are not finite
+            or (after the activation) outside [0, 1]; the message names model, stage and the first bad tile.
+    """
     y: np.ndarray = np.asarray(raw, dtype=np.float32)
-    if entry.output.layout == "NC":  # one vector per patch: a 1x1 map
+    out = entry.output
+    if out.layout == "NC":  # one vector per patch: a 1x1 map
         y = y.reshape(y.shape[0], -1, 1, 1)
-    if entry.output.layout == "NHWC":
+    if out.layout == "NHWC":
         y = y.transpose(0, 3, 1, 2)
-    if not entry.output.already_activated:
-        if entry.output.activation == "sigmoid":
+    if not out.already_activated:
+        if out.activation == "sigmoid":
             y = 1.0 / (1.0 + np.exp(-y))
-        elif entry.output.activation == "softmax":
+        elif out.activation == "softmax":
             e = np.exp(y - y.max(axis=1, keepdims=True))
             y = e / e.sum(axis=1, keepdims=True)
+    who = entry.id if entry.stage_name == "main" else f"{entry.id} stage {entry.stage_name!r}"
+    if y.ndim != 4 or y.shape[1] != out.channels:
+        raise ModelOutputError(
+            f"{who}: the network returned shape {list(np.shape(raw))}, not {out.channels} channel(s) in "
+            f"{out.layout}; fix output.channels/layout in the registry or re-export the model"
+        )
+    finite = np.isfinite(y).all(axis=(1, 2, 3))
+    lo, hi = -PROBABILITY_SLACK, 1 + PROBABILITY_SLACK
+    in_range = (
+        finite if out.activation == "none" else finite & (y.min(axis=(1, 2, 3)) >= lo) & (y.max(axis=(1, 2, 3)) <= hi)
+    )
+    if not in_range.all():
+        k = int(np.flatnonzero(~in_range)[0])
+        where = "the whole image" if len(y) == 1 else f"input {k} of the batch"
+        bad = y[k]
+        what = (
+            f"{int((~np.isfinite(bad)).sum())} non-finite value(s) (NaN/Inf)"
+            if not finite[k]
+            else f"values {float(bad.min()):.4g}..{float(bad.max()):.4g}, outside [0, 1] after {out.activation!r}"
+        )
+        raise ModelOutputError(
+            f"{who}: {what} at {where} ({int((~in_range).sum())} of {len(y)} in the batch); the weights are "
+            "broken or output.activation/already_activated is wrong: restore the model or fix its entry",
+            batch_index=k,
+            where=where,
+        )
     return y
 
 
@@ -705,10 +761,14 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
     def read_batch(b: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], Any, tuple[float, float, float]]:
         """One batch of tiles as the network's input (on a reader thread), with the seconds of each step."""
         t_a = time.perf_counter()
-        regions = [level_region(slide, choice, xs[i], ys[j], pw, ph) for j, i in b]
-        t_b = time.perf_counter()
-        tiles = np.stack([box_reduce(r, choice.factor) for r in regions])
-        t_c = time.perf_counter()
+        if region_is_large(choice, pw, ph):  # far coarser than any level: read and reduce in strips
+            tiles = np.stack([read_scaled(slide, choice, xs[i], ys[j], pw, ph) for j, i in b])
+            t_b = t_c = time.perf_counter()
+        else:
+            regions = [level_region(slide, choice, xs[i], ys[j], pw, ph) for j, i in b]
+            t_b = time.perf_counter()
+            tiles = np.stack([box_reduce(r, choice.factor) for r in regions])
+            t_c = time.perf_counter()
         x: Any = model.preprocess(tiles)
         if contexts:  # multi-input models: centred context tiles, one ONNX input each
             x = {entry.input.input_name: x}
@@ -744,7 +804,8 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
             split["normalise"] += t_norm
             top_up()
             ti = time.perf_counter()
-            probs = model.predict(batch_in)
+            ds = choice.downsample
+            probs = predict_tiles(model, batch_in, [(round(xs[i] * ds), round(ys[j] * ds)) for j, i in b])
             infer_s += time.perf_counter() - ti
             for (j, i), prob in zip(b, probs):
                 ty, tx = ys[j], xs[i]
@@ -808,7 +869,7 @@ def context_tile(
     out = np.full((h, w, 3), 255, np.uint8)
     ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(cw, x0 + w), min(ch, y0 + h)
     if ix1 > ix0 and iy1 > iy0:
-        region = box_reduce(level_region(slide, ctx_choice, ix0, iy0, ix1 - ix0, iy1 - iy0), ctx_choice.factor)
+        region = read_scaled(slide, ctx_choice, ix0, iy0, ix1 - ix0, iy1 - iy0)
         out[iy0 - y0 : iy0 - y0 + region.shape[0], ix0 - x0 : ix0 - x0 + region.shape[1]] = region[
             : iy1 - iy0, : ix1 - ix0
         ]

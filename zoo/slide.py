@@ -651,12 +651,34 @@ def choose_level(
     return LevelChoice(lvl, factor, base_mpp * ds * factor, ds * factor, assumed, base_mpp, source)
 
 
+#: largest level region (bytes of RGB) read at once for one model region; coarser requests go in strips
+MAX_REGION_BYTES = 64 << 20
+
+
 def read_scaled(slide: Slide, choice: LevelChoice, x: int, y: int, w: int, h: int) -> np.ndarray:
     """Read a (h, w, 3) region in *model* pixels at ``choice`` (x, y in model pixels).
 
-    With ``choice.factor > 1`` the level region is area-averaged down by that factor.
+    With ``choice.factor > 1`` the level region is area-averaged down by that factor, in strips of
+    rows so that at most about ``MAX_REGION_BYTES`` of level pixels are held at once (a 256 px tile at
+    64 µm/px on a single-level 0.25 µm/px slide would otherwise be one 65,536² px read).
     """
-    return box_reduce(level_region(slide, choice, x, y, w, h), choice.factor)
+    f = choice.factor
+    if f == 1 or w * f * h * f * 3 <= MAX_REGION_BYTES:
+        return box_reduce(level_region(slide, choice, x, y, w, h), f)
+    # only the part that overlaps the slide is read (beyond it the slide reads as white anyway), in strips
+    mw, mh = model_dimensions(slide, choice)
+    w_in, h_in = max(0, min(w, mw - x)), max(0, min(h, mh - y))
+    out = np.full((h, w, 3), 255, np.uint8)
+    rows = max(1, MAX_REGION_BYTES // (max(1, w_in) * f * f * 3))  # model rows per strip
+    for r in range(0, h_in, rows):
+        n = min(rows, h_in - r)
+        out[r : r + n, :w_in] = box_reduce(level_region(slide, choice, x, y + r, w_in, n), f)
+    return out
+
+
+def region_is_large(choice: LevelChoice, w: int, h: int) -> bool:
+    """True when a (w, h) model region at ``choice`` is more level pixels than :func:`read_scaled` reads at once."""
+    return choice.factor > 1 and w * choice.factor * h * choice.factor * 3 > MAX_REGION_BYTES
 
 
 def level_region(slide: Slide, choice: LevelChoice, x: int, y: int, w: int, h: int) -> np.ndarray:

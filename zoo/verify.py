@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from zoo.errors import ProviderError, RegistryError
+from zoo.errors import ModelOutputError, ProviderError, RegistryError
 from zoo.registry import ModelEntry, Registry, verified_weights
 
 #: Expected speed order on a CPU (fastest first), measured with ``benchmarks/bench_runner.py --big --mpp 2``:
@@ -68,7 +68,13 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
         _CHECKED[key] = res
         return res
     raw_diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
-    pg, pe = to_probabilities(got, entry), to_probabilities(expected, entry)
+    try:
+        pg = to_probabilities(got, entry)
+        pe = to_probabilities(expected, entry)
+    except ModelOutputError as err:  # NaN weights, wrong activation: a failure, never "ok"
+        res = {**base, "ok": False, "error": str(err)}
+        _CHECKED[key] = res
+        return res
     prob_diff = float(np.abs(pg - pe).max())
     dices = []
     for a, b in zip(pg, pe):

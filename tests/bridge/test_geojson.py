@@ -184,3 +184,19 @@ def test_non_finite_coordinates_reject_only_that_feature(tmp_path: Path) -> None
     rep = read_qupath_geojson(path)
     assert len(rep.annotations) == 1 and len(rep.rejected) == 2
     assert all("NaN or infinite" in r for r in rep.rejected)
+
+
+def test_qupath_names_map_back_literally() -> None:
+    """``Ignore*`` (QuPath's class for regions to leave out) maps back to the class whose qupath_name it is, as a
+    name: not as a glob that would swallow 'Ignore me' too (issue 22, item 5)."""
+    from bridge.edits import class_lookup
+    from bridge.geojson import class_value
+
+    classes = [ClassStyle(0, "Background", (255, 255, 255)), ClassStyle(3, "Exclude", (180, 180, 180), "Ignore*")]
+    lookup = class_lookup(classes)
+    assert class_value("Ignore*", lookup) == 3 and class_value("Exclude", lookup) == 3
+    assert class_value("Ignore me", lookup) is None
+    assert (
+        ClassStyle.from_meta({"index": 3, "name": "Exclude", "color": [180, 180, 180], "qupath_name": "Ignore*"})
+        == classes[1]
+    )

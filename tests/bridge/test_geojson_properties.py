@@ -70,8 +70,10 @@ def _structured(kind: str, n: int) -> np.ndarray:
 
 masks = st.one_of(
     st.builds(
-        lambda h, w, p, seed, k: (np.random.default_rng(seed).random((h, w)) < p).astype(np.uint8)
-        * np.random.default_rng(seed + 1).integers(1, k + 1, (h, w)).astype(np.uint8),
+        lambda h, w, p, seed, k: (
+            (np.random.default_rng(seed).random((h, w)) < p).astype(np.uint8)
+            * np.random.default_rng(seed + 1).integers(1, k + 1, (h, w)).astype(np.uint8)
+        ),
         st.integers(1, 24),
         st.integers(1, 24),
         st.floats(0.05, 0.95),
@@ -130,3 +132,23 @@ def test_value_selects_one_label(value: int) -> None:
     mask = np.array([[1, 1, 0, 2], [1, 0, 2, 2]], np.uint8)
     polys = mask_to_polygons(mask, value=value)
     assert set(polys) == {value}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mask=masks,
+    ds=st.sampled_from([1.0, 3.0047, 16.0123, 63.9]),
+    tol_px=st.sampled_from([0.7, 2.0, 4.1]),
+)
+def test_written_multiclass_geojson_is_valid_after_simplification(mask: np.ndarray, ds: float, tol_px: float) -> None:
+    """What is *written* (simplified, several classes, coordinates rounded to 0.01 px, odd downsamples) is valid:
+    QuPath 0.5 keeps an invalid polygon invalid and 0.6+ silently changes it (issue 22, item 6)."""
+    from shapely.geometry import shape
+
+    classes = [ClassStyle(1, "A", (255, 0, 0)), ClassStyle(2, "B", (0, 0, 255)), ClassStyle(3, "Ignore*", (180,) * 3)]
+    fc = mask_to_feature_collection(mask, classes, ds, mpp0=0.5, simplify_um=tol_px * ds * 0.5)
+    for f in fc["features"]:
+        g = shape(f["geometry"])
+        assert g.is_valid and g.area > 0, shapely.is_valid_reason(g)
+        for ring in (g.exterior, *g.interiors):
+            assert ring.is_simple

@@ -125,7 +125,7 @@ def test_class_map_globs_and_unclassified(cmu_slide: Path, darkness_registry: Pa
     assert rep["changes"]["pixels_changed"] == 0
     imp = rep["import"]
     assert imp["kept"] == imp["features"] == len(fc["features"]) and imp["rejected"] == 0
-    r = run_zoo("edits", str(res), str(edited), "--json", "--class-map", "Region*=Tissue")
+    r = run_zoo("edits", str(res), str(edited), "--json", "--class-map", "Region*=Tissue", "--force")
     imp = json.loads(r.stdout)["import"]
     assert imp["kept"] + imp["rejected"] == imp["features"] and imp["rejected"] > 0
 
@@ -149,3 +149,58 @@ def test_parse_counts_add_up() -> None:
     rep = parse_qupath_geojson(doc)
     assert len(rep.annotations) + len(rep.rejected) == rep.total == len(doc)
     assert SHARED.exists()
+
+
+# --------------------------------------------------------------------- every model, the TCGA slide (issue 22, 5 and 6)
+
+
+def _registered() -> list[str]:
+    from zoo.registry import load_registry
+
+    return sorted({m.name for m in load_registry().models})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", _registered())
+def test_every_models_geojson_is_valid_and_comes_back(model: str, tmp_path: Path) -> None:
+    """Each model's default output on the TCGA frozen section: every written geometry valid (also after the
+    default 2 µm simplification and rounding to 0.01 px), and `zoo edits`/`zoo convert` read every feature
+    back, QuPath's ``Ignore*`` included (it maps to the class whose ``qupath_name`` it is)."""
+    from shapely.geometry import shape
+
+    from zoo.outputs import read_mask_tiff
+    from zoo.registry import load_registry
+
+    slide = shared("slides", "tcga-cr-7395-01a-01-ts1.svs")
+    out = tmp_path / "out"
+    r = run_zoo("run", model, str(slide), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = out / slide.stem
+    fc = json.loads((res / "annotations.geojson").read_text())
+    for f in fc["features"]:
+        g = shape(f["geometry"])
+        assert g.is_valid, (f["properties"]["classification"], shapely.is_valid_reason(g))
+    entry = load_registry().get(model)
+    written = {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
+               for f in fc["features"]}  # fmt: skip
+    for c in entry.classes:
+        if c.qupath_name == "Ignore*" and "Ignore*" in written:
+            assert written["Ignore*"] == (180, 180, 180)  # QuPath's own colour for Ignore*: zoo's pictures match it
+    untouched = tmp_path / "qupath-export.geojson"
+    untouched.write_text((res / "annotations.geojson").read_text())
+    r = run_zoo("edits", str(res), str(untouched), "--json", "--out", str(tmp_path / "corrected.tiff"))
+    if not fc["features"]:
+        assert r.returncode == 1 and "none of its 0 feature(s)" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["import"]["rejected"] == 0 and rep["changes"]["pixels_changed"] == 0, rep["import"]
+    fixed, _, _ = read_mask_tiff(tmp_path / "corrected.tiff")
+    for c in entry.foreground:
+        if c.qupath_name and c.qupath_name in written:
+            assert (fixed == c.index).any(), f"{c.name} ({c.qupath_name}) lost in the corrected mask"
+    r = run_zoo(
+        "convert", str(untouched), "--to", "tiff", "--like", str(res / "mask.tiff"), "--out", str(tmp_path / "c.tiff")
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rejected"] == 0

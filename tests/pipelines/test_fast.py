@@ -46,8 +46,10 @@ def _read_fast_output(path: Path) -> np.ndarray:
 # multi-input models are refused at export (tests/bridge/test_fpl.py): FAST cannot pair a tile with its context
 @pytest.mark.parametrize("model", [m.id for m in load_registry().models if not m.context_inputs])
 def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Path, tmp_path: Path) -> None:
-    entry = load_registry().get(model)
-    fpl = REPO / "pipelines" / f"{entry.name}_export.fpl"
+    reg = load_registry()
+    entry = reg.get(model)
+    stem = entry.name if entry.version == reg.versions(entry.name)[-1] else f"{entry.name}-{entry.version}"
+    fpl = REPO / "pipelines" / f"{stem}_export.fpl"
     suffix = (
         ".mhd"
         if entry.kind in ("patch-classification", "cascade")

@@ -5,6 +5,7 @@ Each test builds its own broken input in tmp_path from the small real slides.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -712,3 +713,261 @@ def test_kill_9_then_rerun_finishes_the_rest(
     assert status["s0.svs"] == "skipped" and status["s2.svs"] == "ok"
     assert json.loads((out / "s0" / "run.json").read_text())["created"] == first
     assert _results(out) == ["s0", "s1", "s2"]  # the killed run's partial is gone
+
+
+# --------------------------------------------------------------------------- two models, one slide (issue 22, 2)
+
+
+@pytest.fixture()
+def two_model_registry(tmp_path: Path) -> Path:
+    """Two pointwise models (``darkness``, ``lightness``) in one registry."""
+    from tests.conftest import darkness_registry_text, make_darkness_onnx
+    from zoo.registry import sha256_file
+
+    w = make_darkness_onnx(tmp_path / "darkness.onnx")
+    first = darkness_registry_text(w.name, sha256_file(w), "darkness")
+    second = darkness_registry_text(w.name, sha256_file(w), "lightness").replace("threshold: 0.2", "threshold: 0.5")
+    reg = tmp_path / "two.yaml"
+    reg.write_text(first + second.split("models:\n", 1)[1], encoding="utf-8")
+    return reg
+
+
+def _complete(folder: Path, model: str) -> None:
+    run = json.loads((folder / "run.json").read_text())
+    assert run["model"]["id"].startswith(model + "@"), (folder, run["model"]["id"])
+    names = {p.name for p in folder.iterdir()}
+    assert {"mask.tiff", "annotations.geojson", "classes.csv", "overview.png", "probability_Tissue.tiff"} <= names
+
+
+def test_second_model_on_the_same_slide_keeps_the_first(
+    cmu_slide: Path, two_model_registry: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    a = _zoo(two_model_registry, "run", "darkness", str(cmu_slide), "--out", str(out), "--json")
+    first = _tree(out / cmu_slide.stem)
+    b = _zoo(two_model_registry, "run", "lightness", str(cmu_slide), "--out", str(out), "--json")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    da, db = Path(json.loads(a.stdout)[0]["out"]), Path(json.loads(b.stdout)[0]["out"])
+    assert da != db and db.name == f"{cmu_slide.stem}-lightness"
+    assert {k: v for k, v in _tree(da).items()} == first  # the first model's result is untouched
+    _complete(da, "darkness")
+    _complete(db, "lightness")
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted(r["model"] for r in rows) == ["darkness@0.1.0", "lightness@0.1.0"]
+    # resume works for both: each rerun is skipped into its own folder
+    for model, folder in (("darkness", da), ("lightness", db)):
+        again = json.loads(_zoo(two_model_registry, "run", model, str(cmu_slide), "--out", str(out), "--json").stdout)
+        assert again[0]["status"] == "skipped" and Path(again[0]["out"]) == folder
+
+
+def test_two_models_at_once_on_one_slide(cmu_slide: Path, two_model_registry: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "zoo.cli",
+                "--registry",
+                str(two_model_registry),
+                "run",
+                m,
+                str(cmu_slide),
+                "--out",
+                str(out),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for m in ("darkness", "lightness", "darkness", "lightness")
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e for _, e in outs]
+    folders = {m: {json.loads(o)[0]["out"] for (o, _), mm in zip(outs, ["darkness", "lightness"] * 2) if mm == m}
+               for m in ("darkness", "lightness")}  # fmt: skip
+    assert all(len(v) == 1 for v in folders.values()) and folders["darkness"] != folders["lightness"]
+    for m, (folder,) in folders.items():
+        _complete(Path(folder), m)
+
+
+# ------------------------------------------------------------------ odd geometry, honest messages (issue 22, 8-9)
+
+
+def _rgb_tiff(path: Path, h: int, w: int, mpp: float = 0.5) -> Path:
+    rng = np.random.default_rng(0)
+    img = np.full((h, w, 3), 235, np.uint8)
+    img[:, : max(1, w // 2)] = rng.integers(60, 160, (h, max(1, w // 2), 3), dtype=np.uint8)  # tissue-dark half
+    tifffile.imwrite(path, img, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 3000), (3000, 1), (1, 1)])
+def test_thin_and_one_pixel_slides_run_in_bounded_memory(
+    h: int, w: int, darkness_registry: Path, tmp_path: Path
+) -> None:
+    slide = _rgb_tiff(tmp_path / f"thin_{h}x{w}.tif", h, w)
+    out = tmp_path / "out"
+    r = _run_dark(darkness_registry, slide, out, "--json", "--mpp", "0.5")
+    assert "out of memory" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+    res = Path(json.loads(r.stdout)[0]["out"])
+    from PIL import Image
+
+    with Image.open(res / "overview.png") as im:  # the canvas is bounded whatever the aspect
+        assert im.size[0] <= 970 and im.size[1] <= 2030, im.size
+
+
+def test_coarse_reads_go_in_strips(cmu_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model region far coarser than any level is read in strips of bounded size, with the same pixels."""
+    from zoo import slide as slide_mod
+    from zoo.slide import box_reduce, choose_level, level_region, open_slide, read_scaled
+
+    with open_slide(cmu_slide) as s:
+        choice = choose_level(s, target_mpp=16.0)  # one level: a factor of 32 on level 0
+        assert choice.factor >= 16
+        whole = box_reduce(level_region(s, choice, 0, 0, 40, 30), choice.factor)
+        sizes: list[int] = []
+        real = s.read_region
+
+        def counting(loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+            sizes.append(size[0] * size[1] * 3)
+            return real(loc, level, size)
+
+        monkeypatch.setattr(s, "read_region", counting)
+        monkeypatch.setattr(slide_mod, "MAX_REGION_BYTES", 1 << 20)
+        strips = read_scaled(s, choice, 0, 0, 40, 30)
+    assert np.array_equal(strips, whole) and len(sizes) > 1 and max(sizes) <= 1 << 20
+
+
+def test_resolution_warnings_are_printed_and_recorded(cmu_slide: Path, tmp_path: Path) -> None:
+    """--mpp finer than the slide, or far from what the model was trained at: a warning line, and run.json says so."""
+    from tests.conftest import make_darkness_onnx
+    from zoo.registry import sha256_file
+
+    w = make_darkness_onnx(tmp_path / "d.onnx")
+    text = darkness_registry_text(w.name, sha256_file(w)).replace(
+        "target_mpp: 2.0}", "target_mpp: 2.0, trained_mpp: [2.0]}"
+    )
+    reg = tmp_path / "r.yaml"
+    reg.write_text(text)
+    for mpp, words in (("0.1", "finer than this slide's finest level"), ("64", "far from what it was trained at")):
+        out = tmp_path / f"out{mpp}"
+        r = _zoo(reg, "run", "darkness", str(cmu_slide), "--out", str(out), "--mpp", mpp, "--json")
+        assert r.returncode == 0, r.stderr
+        assert any(ln.startswith("warning:") and words in ln for ln in r.stderr.splitlines()), r.stderr
+        run = json.loads((Path(json.loads(r.stdout)[0]["out"]) / "run.json").read_text())
+        assert any(words in x for x in run["warnings"])
+
+
+@pytest.mark.parametrize("task", ["tissue-segmentation", "tumour-segmentation"])
+def test_found_none_hint_is_for_tissue_models_only(task: str, cmu_slide: Path, tmp_path: Path) -> None:
+    from tests.conftest import make_darkness_onnx
+    from zoo.registry import sha256_file
+
+    w = make_darkness_onnx(tmp_path / "d.onnx")
+    text = darkness_registry_text(w.name, sha256_file(w)).replace("threshold: 0.2", "threshold: 0.99")
+    reg = tmp_path / "r.yaml"
+    reg.write_text(text.replace("task: tissue-segmentation", f"task: {task}"))
+    r = _zoo(reg, "run", "darkness", str(cmu_slide), "--out", str(tmp_path / "o"), "--mpp", "2")
+    assert r.returncode == 0, r.stderr
+    hint = [ln for ln in r.stderr.splitlines() if "found none" in ln]
+    if task == "tumour-segmentation":
+        assert hint == []  # "no tumour" is an answer, not a hint to go finer
+    else:
+        assert (len(hint) == 1 and "at 2 µm/px" in hint[0]) or "at 1.996 µm/px" in hint[0], hint
+
+
+def test_cascade_mask_is_never_finer_than_the_slide(cmu_slide: Path, tmp_path: Path) -> None:
+    from zoo.slide import open_slide
+
+    with open_slide(cmu_slide) as s:
+        crop = s.read_region((600, 600), 0, (256, 256))
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, crop, photometric="rgb", resolution=(1e4 / 0.499, 1e4 / 0.499), resolutionunit="CENTIMETER")
+    out = tmp_path / "out"
+    r = run_zoo("run", "tumour-h2g", str(small), "--out", str(out), "--json", "--mpp", "0.5")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((Path(json.loads(r.stdout)[0]["out"]) / "run.json").read_text())
+    assert run["resolution"]["mask_mpp"] >= run["resolution"]["slide_mpp"] * 0.999
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixed_models_and_slides_serial_and_on_dask(
+    workers: int, cmu_slide: Path, broken_slide: Path, tmp_path: Path
+) -> None:
+    """Issue 22's acceptance run: good, NaN and mismatched models over odd slides; every good result complete,
+    every bad one one line, no input changed, nothing written for a model whose entry disagrees with its graph."""
+    if workers:
+        pytest.importorskip("dask.distributed", reason="dask[distributed] not installed (pip install '.[dask]')")
+    from tests.conftest import classifier_registry_text, make_broken_onnx, make_darkness_onnx
+    from zoo.registry import sha256_file
+
+    good, nan = make_darkness_onnx(tmp_path / "good.onnx"), make_broken_onnx(tmp_path / "nan.onnx", "nan-classifier")
+    entries = [
+        darkness_registry_text(good.name, sha256_file(good), "darkness"),
+        classifier_registry_text(nan.name, sha256_file(nan), "nanclf"),
+        darkness_registry_text(good.name, sha256_file(good), "mismatch").replace(
+            "input_name: image,", "input_name: image, layout: NHWC,"
+        ),
+    ]
+    reg = tmp_path / "r.yaml"
+    reg.write_text(entries[0] + "".join(e.split("models:\n", 1)[1] for e in entries[1:]))
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_slide, slides / "case 1 ü & co.svs")
+    shutil.copy(broken_slide, slides / "broken.svs")
+    _rgb_tiff(slides / "one-pixel.tif", 1, 1)
+    _rgb_tiff(slides / "thin.tif", 1, 3000)
+    before = _tree(slides)
+    flags = ["--all-tiles", "--json", "--workers", str(workers)]
+    for model, ok in (("darkness", {"case 1 ü & co.svs", "one-pixel.tif", "thin.tif"}), ("nanclf", set())):
+        out = tmp_path / f"out-{model}"
+        r = _zoo(reg, "run", model, str(slides), "--out", str(out), *flags)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        results = {Path(x["slide"]).name: x for x in json.loads(r.stdout)}
+        assert {n for n, x in results.items() if x["status"] == "ok"} == ok, results
+        for name, x in results.items():
+            if name in ok:
+                _complete(Path(x["out"]), model)
+            else:
+                assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:") and name in ln]) == 1
+        assert set(_results(out)) == {Path(x["out"]).name for x in results.values() if x["status"] == "ok"}
+    out = tmp_path / "out-mismatch"
+    r = _zoo(reg, "run", "mismatch", str(slides), "--out", str(out), *flags)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "input.layout" in r.stderr, r.stderr
+    assert not out.exists() or not any(out.iterdir())
+    assert _tree(slides) == before
+
+
+def test_all_failed_batch_prints_no_picture_line(broken_slide: Path, darkness_registry: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "s"
+    slides.mkdir()
+    for k in range(2):
+        shutil.copy(broken_slide, slides / f"b{k}.svs")
+    r = _run_dark(darkness_registry, slides, tmp_path / "out")
+    assert r.returncode == 1 and "pictures of every slide" not in r.stderr, r.stderr
+    assert "2 of 2 slides failed" in r.stderr
+
+
+def test_cascade_later_stage_is_checked_before_any_slide(cmu_slide: Path, tmp_path: Path) -> None:
+    """A tampered refinement stage fails once, up front, not once per slide of the batch."""
+    from zoo.registry import load_registry
+
+    reg = load_registry()
+    dst = tmp_path / "reg"
+    shutil.copytree(reg.root / "models" / "tumour-h2g", dst / "models" / "tumour-h2g")
+    text = (reg.root / "registry.yaml").read_text()
+    (dst / "registry.yaml").write_text(text)
+    refine = dst / "models/tumour-h2g/1.0.0/refine.onnx"
+    data = bytearray(refine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    refine.write_bytes(bytes(data))
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for k in range(2):
+        shutil.copy(cmu_slide, slides / f"s{k}.svs")
+    reg_path = str(dst / "registry.yaml")
+    r = run_zoo("--registry", reg_path, "run", "tumour-h2g", str(slides), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "refine.onnx" in r.stderr, r.stderr

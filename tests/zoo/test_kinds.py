@@ -260,3 +260,13 @@ def test_zoo_run_multiclass_models(model: str, cmu_slide: Path, tmp_path: Path) 
     # Exclude goes to QuPath as its Ignore* class, so QuPath users can filter it
     assert names <= {"Tissue", "Tumor", "Ignore*"} and "Tissue" in names
     assert "Exclude" in (res / "classes.csv").read_text()
+
+
+def test_multiclass_model_far_coarser_than_any_level(cmu_slide: Path, tmp_path: Path) -> None:
+    """cd-unet at 64 um/px on a single-level slide: one 512 px tile would be a 65,536² px read (12.6 GB before);
+    now only the part on the slide is read, in strips, and the far-from-trained resolution is warned about."""
+    r = run_zoo("run", "cd-unet", str(cmu_slide), "--out", str(tmp_path), "--mpp", "64", "--json", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)[0]
+    assert res["summary"]["peak_rss_mb"] < 1500, res["summary"]["peak_rss_mb"]
+    assert any("far from what it was trained at" in ln for ln in r.stderr.splitlines() if ln.startswith("warning:"))

@@ -92,3 +92,107 @@ def test_registry_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+# --------------------------------------------------------------------------- the entry/ONNX contract (issue 22, 4)
+
+
+TISSUE_LINE = "      - {index: 1, name: Tissue, color: [0, 160, 0]}"
+BUNDLED_SLIDE = Path(__file__).parents[2] / "zoo" / "data" / "cmu-1-small-region.svs"
+
+
+def _contract_registry(tmp_path: Path, edit: dict[str, str], onnx_kind: str = "darkness") -> Path:
+    from tests.conftest import darkness_registry_text, make_darkness_onnx
+    from zoo.registry import sha256_file
+
+    w = make_darkness_onnx(tmp_path / "m.onnx") if onnx_kind == "darkness" else tmp_path / "m.onnx"
+    if onnx_kind == "empty":
+        w.write_bytes(b"")
+    text = darkness_registry_text(w.name, sha256_file(w))
+    for old, new in edit.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(text)
+    return reg
+
+
+@pytest.mark.parametrize(
+    ("edit", "onnx_kind", "words"),
+    [
+        # 3 classes declared on a 1-channel sigmoid graph
+        (
+            {
+                TISSUE_LINE: TISSUE_LINE + "\n      - {index: 2, name: Tumor, color: [200, 0, 0]}",
+                "activation: sigmoid": "activation: sigmoid, channels: 2",
+            },
+            "darkness",
+            "output.channels",
+        ),
+        (
+            {"activation: sigmoid": "activation: softmax, channels: 2"},
+            "darkness",
+            "output.channels",
+        ),  # softmax-2 on 1 channel
+        ({"input_name: image,": "input_name: image, layout: NHWC,"}, "darkness", "input.layout"),
+        ({"input_name: image,": "input_name: pixels,"}, "darkness", "input.input_name"),
+        ({"output_name: prob": "output_name: probabilities"}, "darkness", "output.output_name"),
+        ({"patch_size_px: [64, 64]": "patch_size_px: [128, 128]"}, "darkness", "patch_size_px"),
+        ({}, "empty", "ONNX"),  # a 0-byte .onnx file and no bundled test
+    ],
+)
+def test_entry_that_disagrees_with_its_graph_is_refused(
+    edit: dict[str, str], onnx_kind: str, words: str, tmp_path: Path
+) -> None:
+    """`zoo verify` and `zoo run` refuse with one line naming the entry and the field, never 'ok', never a traceback."""
+    from tests.conftest import run_zoo
+
+    reg = _contract_registry(tmp_path, edit, onnx_kind)
+    for args in (["verify"], ["run", "darkness", str(BUNDLED_SLIDE), "--out", str(tmp_path / "out")]):
+        r = run_zoo("--registry", str(reg), *args)
+        text = r.stdout + r.stderr
+        assert r.returncode != 0 and "Traceback" not in text and "unexpected error" not in text, text
+        assert "ok  " not in r.stdout and words in text and "darkness@0.1.0" in text, text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [
+        (
+            "[{index: 0, name: Background, color: [0,0,0]}, {index: 1, name: Tissue, color: [0,0,0]},"
+            " {index: 2, name: Tissue, color: [0,0,0]}]",
+            "duplicate class name",
+        ),
+        (
+            '[{index: 0, name: Background, color: [0,0,0]}, {index: 1, name: "Tumour A", color: [0,0,0]},'
+            ' {index: 2, name: "tumour_a", color: [0,0,0]}]',
+            "same file name",
+        ),
+        (
+            "[{index: 0, name: Background, color: [0,0,0]},"
+            " {index: 1, name: Exclude, color: [0,0,0], qupath_name: Tumor},"
+            " {index: 2, name: Tumor, color: [0,0,0]}]",
+            "both answer to",
+        ),
+    ],
+)
+def test_class_names_that_would_merge_are_refused(classes: str, words: str, tmp_path: Path) -> None:
+    reg = _contract_registry(tmp_path, {})
+    text = reg.read_text()
+    start = text.index("    classes:")
+    end = text.index("    input:")
+    reg.write_text(
+        text[:start]
+        + f"    classes: {classes}\n"
+        + text[end:].replace("activation: sigmoid", "activation: softmax, channels: 3")
+    )
+    with pytest.raises(RegistryError, match=words):
+        load_registry(reg)
+
+
+@pytest.mark.parametrize("size", ["[0, 0]", "[-64, 64]", "[100000, 64]"])
+def test_patch_size_must_be_positive(size: str, tmp_path: Path) -> None:
+    reg = _contract_registry(tmp_path, {"patch_size_px: [64, 64]": f"patch_size_px: {size}"})
+    with pytest.raises(RegistryError, match="patch_size_px"):
+        load_registry(reg)

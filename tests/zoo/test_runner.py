@@ -123,11 +123,11 @@ def test_labels_from_softmax_and_multilabel() -> None:
 
 
 def test_model_input_mismatch_is_refused(darkness_registry: Path) -> None:
-    from zoo.errors import ModelInputError
+    from zoo.errors import RegistryError
 
     text = darkness_registry.read_text().replace("input_name: image", "input_name: pixels")
     darkness_registry.write_text(text)
-    with pytest.raises(ModelInputError, match="no input 'pixels'"):
+    with pytest.raises(RegistryError, match=r"input\.input_name .pixels. is not an input"):  # checked with the pins
         _model(darkness_registry)
 
 
@@ -160,3 +160,57 @@ def test_preprocess_table_is_bit_identical_to_the_arithmetic(order: str, layout:
     fast = model.preprocess(tiles)
     slow = model.preprocess(tiles.astype(np.int16))  # not uint8: the per-pixel path
     assert fast.dtype == np.float32 and fast.flags.c_contiguous and np.array_equal(fast, slow)
+
+
+# --------------------------------------------------------------------------- garbage out is an error (issue 22, 3)
+
+
+def _broken_registry(tmp_path: Path, kind: str) -> Path:
+    from tests.conftest import classifier_registry_text, darkness_registry_text, make_broken_onnx
+    from zoo.registry import sha256_file
+
+    w = make_broken_onnx(tmp_path / f"{kind}.onnx", kind)
+    text = (classifier_registry_text if kind == "nan-classifier" else darkness_registry_text)(w.name, sha256_file(w))
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(text, encoding="utf-8")
+    return reg
+
+
+@pytest.mark.parametrize("kind", ["nan", "partly-nan", "out-of-range", "nan-classifier"])
+def test_a_network_that_returns_garbage_fails_the_slide(kind: str, cmu_slide: Path, tmp_path: Path) -> None:
+    """NaN, Inf or out-of-range 'probabilities' fail the slide with one line naming model and tile: no result."""
+    from tests.conftest import run_zoo
+
+    reg = _broken_registry(tmp_path, kind)
+    out = tmp_path / "out"
+    r = run_zoo("--registry", str(reg), "run", reg.read_text().split("default_model: ")[1].split()[0], str(cmu_slide),
+                "--out", str(out), "--no-progress")  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "tile at x=" in err[0] and ("NaN" in err[0] or "outside [0, 1]" in err[0]), err[0]
+    assert not any(p.is_dir() for p in out.iterdir()) if out.exists() else True  # no result folder at all
+
+
+def test_verify_fails_on_a_nan_network(tmp_path: Path) -> None:
+    """A bundled test of a NaN network never verifies as ok (even when its 'expected' output is NaN too)."""
+    from zoo.verify import verify_model
+
+    reg_path = _broken_registry(tmp_path, "nan")
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.full((1, 1, 64, 64), np.nan, np.float32))
+    text = reg_path.read_text() + "    test: {input: x.npy, expected: y.npy}\n"
+    reg_path.write_text(text)
+    reg = load_registry(reg_path)
+    res = verify_model(reg.get(None), reg)
+    assert not res["ok"] and "NaN" in str(res["checks"]), res
+
+
+def test_finite_probabilities_pass_the_check() -> None:
+    from zoo.registry import load_registry
+    from zoo.runner import to_probabilities
+
+    entry = load_registry().get("tissue-multires")
+    y = to_probabilities(np.full((2, 1, 4, 4), 1.0000004, np.float32), entry)  # rounding above 1 is tolerated
+    assert y.shape == (2, 1, 4, 4)

@@ -87,7 +87,7 @@ def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts:
     # last stage back to the slide's aspect, longest side = its output size
     w0, h0 = slide.dimensions
     side = max(prob.shape[1:])
-    ds = max(w0, h0) / side
+    ds = max(1.0, max(w0, h0) / side)  # never finer than the slide: a small slide keeps its own resolution
     mw, mh = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
     up = np.stack([_resize(p, mw, mh) for p in prob])
     labels = labels_from_probabilities(up, entry)

@@ -32,8 +32,9 @@ from zoo.runner import (
     class_probability_rows,
     labels_from_probabilities,
     plan_tiles,
+    predict_tiles,
 )
-from zoo.slide import LevelChoice, Slide, box_reduce, level_region
+from zoo.slide import LevelChoice, Slide, read_scaled
 
 
 def grey_entropy_bits(tiles: np.ndarray) -> np.ndarray:
@@ -93,7 +94,9 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
         if not pending:
             return
         ti = time.perf_counter()
-        probs = model.predict(model.preprocess(np.stack([t for _, _, t in pending])))
+        ds = plan.choice.downsample
+        at = [(round(plan.xs[i] * ds), round(plan.ys[j] * ds)) for j, i, _ in pending]
+        probs = predict_tiles(model, model.preprocess(np.stack([t for _, _, t in pending])), at)
         infer_s += time.perf_counter() - ti
         for (j, i, _), p in zip(pending, probs, strict=True):
             x, y = plan.xs[i], plan.ys[j]
@@ -111,7 +114,7 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
         for j, cols_i in sorted(by_row.items()):
             tr = time.perf_counter()
             x_lo, x_hi = plan.xs[cols_i[0]], plan.xs[cols_i[-1]] + pw
-            band = box_reduce(level_region(slide, plan.choice, x_lo, plan.ys[j], x_hi - x_lo, ph), plan.choice.factor)
+            band = read_scaled(slide, plan.choice, x_lo, plan.ys[j], x_hi - x_lo, ph)
             tiles = np.stack([band[:, plan.xs[i] - x_lo : plan.xs[i] - x_lo + pw] for i in cols_i])
             read_s += time.perf_counter() - tr
             keep = np.ones(len(cols_i), bool)
