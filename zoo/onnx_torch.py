@@ -16,6 +16,7 @@ fp16/bf16 run under :func:`torch.autocast`, which keeps normalisation and softma
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -167,7 +168,7 @@ def _div(x: list[Any], a: dict[str, Any]) -> list[Any]:
 def _concat(x: list[Any], a: dict[str, Any]) -> list[Any]:
     parts = [t for t in x if t is not None and t.numel() > 0] or [x[0]]
     if parts[0].is_floating_point():
-        dtype = torch.promote_types(*(p.dtype for p in parts)) if len(parts) > 1 else parts[0].dtype
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))  # any number of inputs
         parts = [p.to(dtype) for p in parts]
     return [torch.cat(parts, a["axis"])]
 
@@ -229,12 +230,21 @@ def _slice(x: list[Any], a: dict[str, Any]) -> list[Any]:
     axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
     steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
     index: list[slice] = [slice(None)] * data.dim()
+    backwards: list[tuple[int, int, int, int]] = []
     for s, e, ax, st in zip(starts, ends, axes, steps):
-        if st <= 0:
-            raise ModelInputError(f"Slice with step {st} is not supported by the torch engine")
+        if st == 0:
+            raise ModelInputError("Slice with step 0 is not valid ONNX; re-export the model")
         n = data.shape[ax]
+        if st < 0:  # ONNX clamps starts to [0, n-1] and ends to [-1, n-1] when stepping backwards (flips)
+            s0 = min(max(s + n if s < 0 else s, 0), n - 1)
+            e0 = min(max(e + n if e < 0 else e, -1), n - 1)
+            backwards.append((ax % data.dim(), s0, e0, st))
+            continue
         index[ax % data.dim()] = slice(max(s, -n), min(e, n), st)  # ONNX clamps starts and ends
-    return [data[tuple(index)]]
+    out = data[tuple(index)]
+    for ax, s0, e0, st in backwards:
+        out = out.index_select(ax, torch.arange(s0, e0, st, device=out.device))
+    return [out]
 
 
 @_op("Pad")

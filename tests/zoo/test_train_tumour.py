@@ -119,3 +119,63 @@ def test_few_seeded_steps_and_export(pcam_valid: JpegSet, tmp_path: Path) -> Non
         None, {"image": np.zeros((2, 3, 1024, 1024), np.float32), "heatmap": np.zeros((2, 1, 1024, 1024), np.float32)}
     )
     assert out[0].shape == (2, 2, 1024, 1024)  # dynamic batch, probabilities out
+
+
+# --------------------------------------------------------------------------- the 1.1 recipe (issue 25)
+
+
+def test_full_recipe_splits_are_disjoint_balanced_and_use_everything() -> None:
+    from zoo.train.pcam_recipe import pcam_splits
+
+    sp = pcam_splits(shared("pcam", "pcam-ai4all-trainval.zip"), 0)
+    assert (len(sp.train), len(sp.select), len(sp.report)) == (20000, 1500, 1500)
+    assert np.bincount(sp.select.labels).tolist() == [750, 750] == np.bincount(sp.report.labels).tolist()
+    assert not set(sp.select.names) & set(sp.report.names) and not set(sp.train.names) & set(sp.report.names)
+
+
+def test_dihedral_tta_is_invariant_and_exports(tmp_path: Path) -> None:
+    """The TTA graph's output does not change under any of the 8 dihedral transforms, and ONNX matches torch."""
+    from zoo.train.pcam_recipe import DihedralTTA, dihedral_views
+    from zoo.train.tumour_tiles import export
+
+    torch.manual_seed(0)
+    net = TileCNN().eval()
+    tta = DihedralTTA(net, temperature=1.7).eval()
+    x = torch.rand(3, 3, 96, 96)
+    with torch.no_grad():
+        ref = tta(x)
+        for v in dihedral_views(x):
+            assert torch.allclose(tta(v), ref, atol=1e-5)
+        assert torch.allclose(ref.sum(1), torch.ones(3), atol=1e-5)
+    (tmp_path / "s").mkdir()
+    torch.save(net.state_dict(), tmp_path / "s" / "tiles.pt")
+    diff = export(tmp_path / "s", tmp_path, tta=True, temperature=1.7)["tiles"]
+    assert diff < 1e-4 and (tmp_path / "tumour-tiles.onnx").stat().st_size > 1e6
+
+
+def test_full_recipe_runs_a_few_seeded_steps(tmp_path: Path) -> None:
+    """train-full on 64 patches per split, 2 epochs of 3 steps: it trains, evaluates and records everything."""
+    from zoo.train.tumour_tiles import train_full
+
+    s = train_full(shared("pcam", "pcam-ai4all-trainval.zip"), tmp_path, 2, 16, 1e-3, 0, steps_per_epoch=3, limit=64)
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert (tmp_path / "tiles.pt").exists() and saved["fit"]["best_epoch"] in (1, 2)
+    ev = saved["evaluation"]
+    assert 0.5 <= ev["temperature"] <= 4 and 0 < ev["threshold_select"] < 1
+    for split in ("select", "report"):
+        assert {"single_view", "tta8", "tta8_ci95"} <= set(ev[split])
+        assert 0 <= ev[split]["tta8"]["auc"] <= 1 and 0 <= ev[split]["tta8"]["ece"] <= 1
+    assert s["data"]["train"]["tumour"] + s["data"]["train"]["non_tumour"] == 64
+
+
+def test_calibration_helpers() -> None:
+    from zoo.train.pcam_recipe import best_threshold, expected_calibration_error, fit_temperature
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    p = np.clip(y * 0.7 + rng.random(2000) * 0.3, 0, 1)  # tumour >= 0.7, non-tumour < 0.3
+    assert 0.3 <= best_threshold(p, y) <= 0.7
+    assert expected_calibration_error(y.astype(float), y) == 0.0
+    noisy = np.where(rng.random(2000) < 0.2, 1 - y, y)  # logits of +-8 for labels that are 20% wrong: overconfident
+    logits = torch.from_numpy(np.stack([np.zeros(2000), (y * 2 - 1) * 8.0], 1)[:, None, :])
+    assert fit_temperature(logits, noisy) > 2.0

@@ -10,8 +10,10 @@ three dropout layers, softmax, categorical cross-entropy, Adam 1e-4, batch 16, r
 three 3x3 conv + ReLU + 2x2 max-pool stages (32, 64, 128 filters), dense 64, dense 2
 (1,271,234 parameters; :func:`count_parameters`).
 
-``python -m zoo.train.tumour_tiles train --pack PACK --out DIR`` trains (GPU when present);
-``rails --zip PCAM`` prints the rails; ``export`` writes the ONNX file.
+``python -m zoo.train.tumour_tiles train --pack PACK --out DIR`` trains 1.0 (GPU when present);
+``train-full --zip PCAM --out DIR`` trains 1.1 on all 23,000 patches with :mod:`zoo.train.pcam_recipe`;
+``rails --zip PCAM`` prints the rails; ``export`` writes the ONNX file (``--tta``: 1.1's graph, the
+softmax at the fitted temperature averaged over the 8 dihedral views).
 """
 
 from __future__ import annotations
@@ -89,12 +91,83 @@ def train(pack: Path, out: Path, steps: int, batch: int, seed: int) -> dict[str,
     return summary
 
 
-def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
+def train_full(
+    zip_path: Path,
+    out: Path,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    steps_per_epoch: int | None = None,
+    limit: int | None = None,
+) -> dict[str, object]:
+    """1.1: every PCam patch (:func:`zoo.train.pcam_recipe.pcam_splits`), the full recipe, TTA and calibration.
+
+    ``limit`` keeps that many patches of each split (tests only).
+    """
+    from zoo.train import pcam_recipe as rc
+
+    dev = device()
+    t0 = time.perf_counter()
+    sp = rc.pcam_splits(zip_path, seed)
+    sets = {"train": sp.train, "select": sp.select, "report": sp.report}
+    if limit:
+        sets = {k: v.subset(np.linspace(0, len(v) - 1, limit).astype(int)) for k, v in sets.items()}
+    data = {k: (to_tensor(v.decode(), dev), v.labels) for k, v in sets.items()}
+    net = TileCNN().to(dev)
+    tx, ty = data["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    fitted = rc.fit(
+        net,
+        tx,
+        torch.from_numpy(ty).to(dev),
+        *data["select"],
+        epochs,
+        batch,
+        lr,
+        seed,
+        steps_per_epoch=steps_per_epoch,
+        on_epoch=lambda r: print(json.dumps(r), flush=True),
+    )
+    save_state(net, out / "tiles.pt")
+    ev = rc.evaluate(net, {k: data[k] for k in ("select", "report")})
+    summary: dict[str, object] = {
+        "device": device_name(dev), "torch": torch.__version__, "seed": seed, "parameters": count_parameters(net),
+        "data": {k: {"tumour": int((v.labels == 1).sum()), "non_tumour": int((v.labels == 0).sum())}
+                 for k, v in sets.items()},
+        "splits": "train = PCam train (all); select/report = PCam valid cut in two balanced halves (seeded)",
+        "recipe": "AdamW one-cycle, balanced batches, dihedral + HED jitter + brightness/contrast + scale 0.9-1.1",
+        "fit": fitted, "evaluation": ev, "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    (out / "train.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def export(state_dir: Path, out_dir: Path, tta: bool = False, temperature: float = 1.0) -> dict[str, float]:
     from zoo.train.export import export_onnx
 
-    net = TileCNN()
+    net: nn.Module = TileCNN()
     net.load_state_dict(torch.load(state_dir / "tiles.pt", map_location="cpu"))
+    if tta:
+        from zoo.train.pcam_recipe import DihedralTTA
+
+        net = DihedralTTA(net, temperature)
     return {"tiles": export_onnx(net.eval(), (3, 96, 96), out_dir / "tumour-tiles.onnx", "image", "probabilities")}
+
+
+def write_bundled_test(onnx_path: Path, zip_path: Path, out_dir: Path) -> dict[str, object]:
+    """``test_input.npy`` (the first 4 tumour and 4 non-tumour PCam valid patches, RGB / 255, NCHW) and
+    ``test_expected.npy`` (the exported graph's output for them, ONNX Runtime fp32)."""
+    import onnxruntime as ort
+
+    valid = read_pcam(zip_path, "valid")
+    order = np.concatenate([np.flatnonzero(valid.labels == 1)[:4], np.flatnonzero(valid.labels == 0)[:4]])
+    x = valid.subset(order).decode().transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"image": x})[0]
+    np.save(out_dir / "test_input.npy", x)
+    np.save(out_dir / "test_expected.npy", y)
+    return {"patches": [valid.names[i] for i in order], "tumour_probability": [round(float(v), 4) for v in y[:, 1]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,19 +179,37 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=int, default=12000, help="optimiser steps")
     t.add_argument("--batch", type=int, default=16, help="batch (seed 001: 16)")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+    f = sub.add_parser("train-full", help="1.1: all 23,000 PCam patches, full augmentation, TTA and calibration")
+    f.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    f.add_argument("--out", type=Path, required=True, help="folder for tiles.pt and train.json")
+    f.add_argument("--epochs", type=int, default=24, help="most epochs (early stopping on select AUC)")
+    f.add_argument("--batch", type=int, default=128, help="balanced batch")
+    f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    f.add_argument("--seed", type=int, default=0, help="random seed")
     r = sub.add_parser("rails", help="print the entropy rails of the PCam training tumour patches")
     r.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
     e = sub.add_parser("export", help="export tumour-tiles.onnx")
     e.add_argument("--state", type=Path, required=True, help="folder with tiles.pt")
     e.add_argument("--out", type=Path, required=True, help="output folder")
+    e.add_argument("--tta", action="store_true", help="average the 8 dihedral views inside the graph (1.1)")
+    e.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (train.json, 1.1)")
+    e.add_argument(
+        "--test-from", type=Path, default=None, help="PCam zip: also write the bundled test from its valid split"
+    )
     a = ap.parse_args(argv)
     if a.cmd == "train":
         s = train(a.pack, a.out, a.steps, a.batch, a.seed)
         print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
+    elif a.cmd == "train-full":
+        s = train_full(a.zip, a.out, a.epochs, a.batch, a.lr, a.seed)
+        print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
     elif a.cmd == "rails":
         print(json.dumps(learn_rails(a.zip)))
     else:
-        print(json.dumps(export(a.state, a.out)))
+        res: dict[str, object] = dict(export(a.state, a.out, a.tta, a.temperature))
+        if a.test_from:
+            res["bundled_test"] = write_bundled_test(a.out / "tumour-tiles.onnx", a.test_from, a.out)
+        print(json.dumps(res))
     return 0
 
 

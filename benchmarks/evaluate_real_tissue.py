@@ -1,0 +1,227 @@
+"""Every registered model that calls tumour, on real tissue it never saw (issue 25).
+
+1. Patch classifiers (``patch-classification`` and a cascade's first stage) on PCam ``valid`` (real
+   lymph-node H&E, pathologists' labels; never trained on): accuracy, sensitivity, specificity, AUC,
+   calibration error, with 95% bootstrap intervals, on the ``report`` half (the half that 1.1's
+   training never used, not even for early stopping or the threshold) and on all of ``valid``; ms per
+   patch through the runner's own engine.
+2. Whole models through ``zoo run`` on two real lymph-node mosaics: 20 x 20 PCam ``valid`` patches of one
+   label each (tumour-free and all-tumour; every patch randomly rotated/flipped), written as a TIFF at
+   PCam's 0.972 um/px: the fraction of called tissue that each model calls Tumor. On the tumour-free
+   mosaic every Tumor pixel is a false positive; beside it the all-tumour baseline's Dice.
+3. ``zoo run`` on every shared slide (none is a lymph node: tumour called there is out-of-domain
+   behaviour): Tumor area and its fraction of the tissue that ``tissue-multires`` finds.
+
+    python benchmarks/evaluate_real_tissue.py            # benchmarks/results/evaluation_real_tissue.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zoo.registry import ModelEntry, load_registry  # noqa: E402
+from zoo.train.pcam import PCAM_MPP, JpegSet, read_pcam  # noqa: E402
+from zoo.train.pcam_recipe import binary_figures, bootstrap_ci, pcam_splits  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+SLIDES = ["cmu-1-small-region.svs", "kidney-48-5.tif", "tcga-cr-7395-01a-01-ts1.svs"]
+
+
+def tumour_models(names: list[str] | None) -> list[ModelEntry]:
+    """Every registered entry with a Tumor class (or those named, NAME@VERSION)."""
+    reg = load_registry()
+    if names:
+        return [reg.get(n) for n in names]
+    return [m for m in reg.models if any(c.name == "Tumor" for c in m.classes)]
+
+
+def tumour_probability(entry: ModelEntry, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """The first stage's Tumor probability per (N, 96, 96, 3) patch through the runner's engine (ONNX Runtime
+    fp32), and ms per patch."""
+    from zoo.registry import verified_weights
+    from zoo.runner import OnnxModel
+
+    reg = load_registry()
+    model = OnnxModel(verified_weights(entry, reg), entry, ["CPUExecutionProvider"], 2)
+    k = sorted(entry.classes, key=lambda c: c.index).index(next(c for c in entry.classes if c.name == "Tumor"))
+    x = model.preprocess(images)
+    model.predict(x[:64])
+    t = time.perf_counter()
+    p = np.concatenate([model.predict(x[i : i + 128])[:, k, 0, 0] for i in range(0, len(x), 128)])
+    return p.astype(np.float64), 1000 * (time.perf_counter() - t) / len(x)
+
+
+def patch_figures(entries: list[ModelEntry], zip_path: Path, n_boot: int) -> dict[str, Any]:
+    sp = pcam_splits(zip_path, 0)
+    valid = read_pcam(zip_path, "valid")
+    sets = {"report_half": sp.report, "valid_all": valid}
+    decoded = {k: (v.decode(), v.labels) for k, v in sets.items()}
+    out: dict[str, Any] = {}
+    for e in entries:
+        if e.output.layout != "NC":
+            continue
+        row: dict[str, Any] = {}
+        for name, (x, y) in decoded.items():
+            p, ms = tumour_probability(e, x)
+            row[name] = {**binary_figures(p, y), "ci95": bootstrap_ci(p, y, 0.5, n_boot), "ms_per_patch": round(ms, 3)}
+        out[e.id] = row
+        print(e.id, json.dumps(row["report_half"]), flush=True)
+    return out
+
+
+def mosaic(patches: JpegSet, side: int, seed: int) -> np.ndarray:
+    """``side`` x ``side`` patches, each randomly rotated by a multiple of 90 degrees and maybe flipped."""
+    rng = np.random.default_rng(seed)
+    imgs = patches.decode()[rng.choice(len(patches), side * side, replace=False)]
+    rows = []
+    for r in range(side):
+        row = []
+        for c in range(side):
+            im = np.rot90(imgs[r * side + c], int(rng.integers(4)))
+            row.append(im[:, ::-1] if rng.integers(2) else im)
+        rows.append(np.concatenate(row, 1))
+    return np.ascontiguousarray(np.concatenate(rows, 0))
+
+
+def write_tiff(path: Path, rgb: np.ndarray, mpp: float) -> Path:
+    import tifffile
+
+    tifffile.imwrite(
+        path, rgb, photometric="rgb", tile=(256, 256), compression="jpeg", compressionargs={"level": 95},
+        resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
+    )  # fmt: skip
+    return path
+
+
+def zoo_run(model: str, slide: Path, out: Path, *extra: str) -> dict[str, Any]:
+    """``zoo run`` in a child process; its run.json."""
+    cmd = [sys.executable, "-m", "zoo.cli", "run", model, str(slide), "--out", str(out), "--json", "--no-progress"]
+    r = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"zoo run {model} {slide}: {r.stderr.strip()}")
+    res = json.loads(r.stdout)[0]
+    return json.loads((Path(res["out"]) / "run.json").read_text())
+
+
+def tumour_share(run: dict[str, Any], tissue_fraction: float) -> dict[str, float | None]:
+    """Tumor's area and its share of the tissue (``tissue_fraction`` of the image, from tissue-multires)."""
+    tum = run["classes"].get("Tumor", {})
+    f = float(tum.get("fraction", 0.0))
+    return {
+        "tumour_fraction_of_tissue": round(min(1.0, f / tissue_fraction), 4) if tissue_fraction else None,
+        "tumour_area_mm2": tum.get("area_mm2"),
+        "tumour_fraction_of_image": round(f, 4),
+    }
+
+
+def tissue_of(path: Path, work: Path) -> dict[str, float]:
+    return zoo_run("tissue-multires", path, work / "out-tissue")["classes"]["Tissue"]
+
+
+def mosaic_figures(entries: list[ModelEntry], zip_path: Path, work: Path, side: int) -> dict[str, Any]:
+    sp = pcam_splits(zip_path, 0)
+    rep = sp.report
+    out: dict[str, Any] = {}
+    paths, tissue = {}, {}
+    for label, name in ((0, "tumour_free"), (1, "all_tumour")):
+        sub = rep.subset(np.flatnonzero(rep.labels == label))
+        paths[name] = write_tiff(work / f"pcam_{name}.tif", mosaic(sub, side, 7 + label), PCAM_MPP)
+        tissue[name] = tissue_of(paths[name], work)["fraction"]
+    for e in entries:
+        row: dict[str, Any] = {}
+        for name, path in paths.items():
+            row[name] = tumour_share(zoo_run(e.id, path, work / f"out-{e.name}-{e.version}"), tissue[name])
+        free = row["tumour_free"]["tumour_fraction_of_tissue"] or 0.0
+        tum = row["all_tumour"]["tumour_fraction_of_tissue"] or 0.0
+        # Tumor Dice over both mosaics (equal tissue in each): the model's, and the all-Tumor baseline's (2/3)
+        row["dice_on_both_mosaics"] = round(2 * tum / (2 * tum + free + (1 - tum)), 4)
+        row["dice_all_tumour_baseline"] = round(2 / 3, 4)
+        out[e.id] = row
+        print(e.id, json.dumps(row), flush=True)
+    return {"mosaic_px": side * 96, "patches_per_mosaic": side * side, "tissue_fraction": tissue,
+            "source": "PCam valid, report half", **out}  # fmt: skip
+
+
+def slide_figures(entries: list[ModelEntry], work: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in SLIDES:
+        slide = SHARED / "slides" / name
+        tissue = tissue_of(slide, work)
+        row: dict[str, Any] = {"tissue_multires_tissue_mm2": tissue["area_mm2"]}
+        for e in entries:
+            row[e.id] = tumour_share(zoo_run(e.id, slide, work / f"out-{e.name}-{e.version}"), tissue["fraction"])
+        out[name] = row
+        print(name, json.dumps(row), flush=True)
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["# Real tissue, every tumour model", "", f"`{res['command']}`", ""]
+    lines += ["## PCam valid, report half (1,500 real lymph-node patches)", "",
+              "| model | accuracy [95% CI] | AUC [95% CI] | sensitivity | specificity | ECE | ms/patch |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for mid, r in res["pcam"].items():
+        f = r["report_half"]
+        lines.append(
+            f"| {mid} | {f['accuracy']:.3f} [{f['ci95']['accuracy'][0]:.3f}, {f['ci95']['accuracy'][1]:.3f}] | "
+            f"{f['auc']:.3f} [{f['ci95']['auc'][0]:.3f}, {f['ci95']['auc'][1]:.3f}] | {f['sensitivity']:.3f} | "
+            f"{f['specificity']:.3f} | {f['ece']:.3f} | {f['ms_per_patch']:.2f} |"
+        )
+    m = res["mosaics"]
+    lines += ["", f"## Real lymph-node mosaics ({m['mosaic_px']} px, {m['patches_per_mosaic']} PCam patches each)", "",
+              "| model | Tumor on tumour-free tissue | Tumor on all-tumour tissue | Dice | all-Tumor baseline Dice |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for mid, r in m.items():
+        if isinstance(r, dict) and "tumour_free" in r:
+            lines.append(
+                f"| {mid} | {r['tumour_free']['tumour_fraction_of_tissue']} | "
+                f"{r['all_tumour']['tumour_fraction_of_tissue']} | {r['dice_on_both_mosaics']} | "
+                f"{r['dice_all_tumour_baseline']} |"
+            )
+    lines += ["", "## Shared slides (none is a lymph node): Tumor as a fraction of tissue-multires' tissue", ""]
+    ids = [e for e in next(iter(res["slides"].values())) if e != "tissue_multires_tissue_mm2"]
+    lines += ["| slide | " + " | ".join(ids) + " |", "|---" * (len(ids) + 1) + "|"]
+    for name, row in res["slides"].items():
+        lines.append(f"| {name} | " + " | ".join(str(row[i]["tumour_fraction_of_tissue"]) for i in ids) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=None, help="NAME@VERSION (default: every model with a Tumor class)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    ap.add_argument("--mosaic-side", type=int, default=20, help="patches per side of each mosaic")
+    ap.add_argument("--parts", nargs="*", default=["pcam", "mosaics", "slides"], help="which parts to run")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/evaluation_real_tissue.json")
+    a = ap.parse_args()
+    zip_path = SHARED / "pcam/pcam-ai4all-trainval.zip"
+    entries = tumour_models(a.models)
+    res: dict[str, Any] = {"command": "python benchmarks/evaluate_real_tissue.py " + " ".join(sys.argv[1:])}
+    if "pcam" in a.parts:
+        res["pcam"] = patch_figures(entries, zip_path, a.bootstrap)
+    with tempfile.TemporaryDirectory(prefix="zoo-eval-") as tmp:
+        if "mosaics" in a.parts:
+            res["mosaics"] = mosaic_figures(entries, zip_path, Path(tmp), a.mosaic_side)
+        if "slides" in a.parts:
+            res["slides"] = slide_figures(entries, Path(tmp))
+    a.out.write_text(json.dumps(res, indent=1))
+    if {"pcam", "mosaics", "slides"} <= set(a.parts):
+        a.out.with_suffix(".md").write_text(markdown(res))
+        print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
