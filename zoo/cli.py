@@ -850,16 +850,11 @@ def _with_qupath_names(
     return [dataclasses.replace(c, qupath_name=names.get(c.index)) for c in classes]
 
 
-def _load_registry() -> Any:
-    from zoo.registry import load_registry
-
-    return load_registry
-
-
 def cmd_edits(args: argparse.Namespace) -> int:
     from bridge.edits import corrected_mask, edit_report
     from bridge.geojson import ClassStyle, read_qupath_geojson
     from zoo.outputs import guard_outputs, read_mask_tiff, write_mask_tiff
+    from zoo.registry import load_registry
 
     pred_path = Path(args.prediction)
     if pred_path.is_dir():
@@ -873,7 +868,7 @@ def cmd_edits(args: argparse.Namespace) -> int:
     if not meta.get("classes"):
         print(f"error: {pred_path}: has no class metadata; pass a mask written by `zoo run`", file=sys.stderr)
         return 1
-    classes = _with_qupath_names([ClassStyle.from_meta(c) for c in meta["classes"]], meta, args, _load_registry())
+    classes = _with_qupath_names([ClassStyle.from_meta(c) for c in meta["classes"]], meta, args, load_registry)
     ds = float(meta.get("downsample", 1.0))
     w0, h0 = round(pred.shape[1] * ds), round(pred.shape[0] * ds)
     aliases = _class_map(args.class_map)
