@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,18 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory, MB: Linux's VmHWM, its own. ru_maxrss is not: Linux carries it
-    across fork and exec, so a child would report its parent's peak if that was higher."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from zoo.procstats import peak_rss_mb  # noqa: E402
 
 
 def child_zoo(
@@ -86,7 +74,7 @@ def child_zoo(
                 "tiles": pred.stats["tiles_run"],
                 "tissue_mpx0": tissue_px0 / 1e6,
                 "providers": m.providers,
-                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_mb": peak_rss_mb(),
                 "stats": pred.stats,
             }
         pw, ph = entry.input.patch_size_px
@@ -96,18 +84,18 @@ def child_zoo(
             m = OnnxModel(verified_weights(entry, reg), entry, engine=engine, precision=precision, batch_size=batch)
             n_tiles, pool = int(mode_arg), 4 * batch
             if not plan.jobs:  # all glass: nothing to infer
-                return {"seconds": 0.0, "tiles": 0, "peak_rss_mb": _peak_rss_mb()}
+                return {"seconds": 0.0, "tiles": 0, "peak_rss_mb": peak_rss_mb()}
             sample = [read_scaled(s, plan.choice, plan.xs[i], plan.ys[j], pw, ph) for j, i in plan.jobs[:pool]]
             x_in = m.preprocess(np.stack([sample[k % len(sample)] for k in range(pool)]))
             m.predict(x_in[:batch])  # warm-up
             t = time.perf_counter()
             for done in range(0, n_tiles, batch):
                 m.predict(x_in[done % pool : done % pool + min(batch, n_tiles - done)])
-            return {"seconds": time.perf_counter() - t, "tiles": n_tiles, "peak_rss_mb": _peak_rss_mb()}
+            return {"seconds": time.perf_counter() - t, "tiles": n_tiles, "peak_rss_mb": peak_rss_mb()}
         # floor: pre-mask, then read + decode the planned tiles, no inference
         for j, i in plan.jobs:
             read_scaled(s, plan.choice, plan.xs[i], plan.ys[j], pw, ph)
-        return {"seconds": time.perf_counter() - t, "tiles": len(plan.jobs), "peak_rss_mb": _peak_rss_mb()}
+        return {"seconds": time.perf_counter() - t, "tiles": len(plan.jobs), "peak_rss_mb": peak_rss_mb()}
 
 
 def onnx_gflop_per_tile(path: Path, patch_px: tuple[int, int]) -> float:

@@ -15,8 +15,9 @@ from typing import Any
 from zoo.errors import FplError
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import fast
+from zoo.procstats import peak_rss_mb
 fast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)
 path, variables = sys.argv[1], json.loads(sys.argv[2])
 t0 = time.perf_counter()
@@ -24,8 +25,7 @@ p = fast.Pipeline(path, variables)
 p.parse()
 p.run()
 seconds = time.perf_counter() - t0
-peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("FAST_STATS", json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb}))
+print("FAST_STATS", json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
 """
 
 

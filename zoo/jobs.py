@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from typing import Any
 
 from zoo import __version__
 from zoo.errors import OutputError, ZooError, raise_if_signalled
+from zoo.procstats import peak_rss_mb
 from zoo.registry import ModelEntry, Registry, load_registry, verified_model_files
 from zoo.runner import RunOptions
 from zoo.slide import open_slide
@@ -679,7 +679,7 @@ def _run_locked(
         "engine": f"{engine.engine} {engine.precision}",
         "tiles_run": pred.stats.get("tiles_run"),
         "tiles_total": pred.stats.get("tiles_total"),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "warnings": warnings,
     }
     return JobResult(str(slide_path), "ok", str(dest), summary=summary)
