@@ -100,6 +100,7 @@ def train_full(
     seed: int,
     steps_per_epoch: int | None = None,
     limit: int | None = None,
+    patience: int | None = None,
 ) -> dict[str, object]:
     """1.1: every PCam patch (:func:`zoo.train.pcam_recipe.pcam_splits`), the full recipe, TTA and calibration.
 
@@ -126,6 +127,7 @@ def train_full(
         batch,
         lr,
         seed,
+        patience=patience,
         steps_per_epoch=steps_per_epoch,
         on_epoch=lambda r: print(json.dumps(r), flush=True),
     )
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("train-full", help="1.1: all 23,000 PCam patches, full augmentation, TTA and calibration")
     f.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
     f.add_argument("--out", type=Path, required=True, help="folder for tiles.pt and train.json")
-    f.add_argument("--epochs", type=int, default=24, help="most epochs (early stopping on select AUC)")
+    f.add_argument("--epochs", type=int, default=24, help="epochs of the one-cycle schedule")
+    f.add_argument("--patience", type=int, default=None, help="stop this many epochs after the best (default: never)")
     f.add_argument("--batch", type=int, default=128, help="balanced batch")
     f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     f.add_argument("--seed", type=int, default=0, help="random seed")
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         s = train(a.pack, a.out, a.steps, a.batch, a.seed)
         print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
     elif a.cmd == "train-full":
-        s = train_full(a.zip, a.out, a.epochs, a.batch, a.lr, a.seed)
+        s = train_full(a.zip, a.out, a.epochs, a.batch, a.lr, a.seed, patience=a.patience)
         print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
     elif a.cmd == "rails":
         print(json.dumps(learn_rails(a.zip)))
