@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo.errors import FplError, OutputError
+from zoo.outputs import guard_outputs
 from zoo.registry import ModelEntry, Registry, verified_model_files
 
 BLOCK_KINDS = ("ProcessObject", "Renderer", "View", "PipelineInputData", "PipelineOutputData")
@@ -424,15 +425,30 @@ def _hex(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def export_fast_folder(entry: ModelEntry, registry: Registry, dest: Path, engine: str = "ONNXRuntime") -> list[Path]:
+def fast_folder_files(entry: ModelEntry, dest: Path) -> list[Path]:
+    """Every file :func:`export_fast_folder` writes for ``entry`` into ``dest``."""
+    models = [dest / "models" / f"{entry.name}.onnx"]
+    models += [dest / "models" / _model_file(entry, name) for name, _ in entry.networks()[1:]]
+    models += [dest / "models" / spec.path for spec in entry.weights.files]
+    pipes = [dest / "pipelines" / f"{entry.name}{suffix}.fpl" for suffix in ("", "_export")]
+    return [*models, *pipes, dest / "models" / f"{entry.name}.txt"]
+
+
+def export_fast_folder(
+    entry: ModelEntry, registry: Registry, dest: Path, engine: str = "ONNXRuntime", force: bool = False
+) -> list[Path]:
     """Write a FastPathology model folder for ``entry``.
 
     Layout: ``pipelines/<name>.fpl`` (for the app), ``pipelines/<name>_export.fpl``
     (headless, ``@@wsi@@``/``@@output@@``), ``models/<name>.onnx`` (sha256-verified copy)
     and ``models/<name>.txt`` (FastPathology's legacy key:value model config).
+
+    Raises:
+        OutputExistsError: one of those files exists already and ``force`` is off (nothing is written).
     """
     files = verified_model_files(entry, registry)
     check_exportable(entry)
+    guard_outputs(fast_folder_files(entry, dest), files, force)
     written: list[Path] = []
     try:
         (dest / "pipelines").mkdir(parents=True, exist_ok=True)

@@ -322,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--engine", choices=["ONNXRuntime", "OpenVINO", "TensorRT"], default="ONNXRuntime", help="FAST inference engine"
     )
+    f.add_argument("--force", action="store_true", help="replace files of an earlier export in that folder")
+    f = esub.add_parser(
+        "wsinfer",
+        help="WSInfer model folder (config.json + TorchScript) for QuPath's WSInfer extension and the wsinfer CLI",
+        formatter_class=fmt,
+    )
+    f.add_argument("model", help="NAME or NAME@VERSION (a patch classifier, or a cascade: its patch stage)")
+    f.add_argument("--out", required=True, help="folder to write <name>-<version>/ into")
+    f.add_argument("--force", action="store_true", help="replace an earlier zoo export of this model there")
     f = esub.add_parser(
         "pipelines", help="(re)write the kept FAST pipelines of every registered model", formatter_class=fmt
     )
@@ -939,7 +948,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                 (folder / name).write_text(text, encoding="utf-8")
                 print(folder / name)
         return 0
-    written = export_fast_folder(reg.get(args.model), reg, Path(args.dir), engine=args.engine)
+    if args.target == "wsinfer":
+        from bridge.wsinfer import export_wsinfer
+
+        print(export_wsinfer(reg.get(args.model), reg, Path(args.out), force=args.force))
+        return 0
+    written = export_fast_folder(reg.get(args.model), reg, Path(args.dir), engine=args.engine, force=args.force)
     for p in written:
         print(p)
     return 0

@@ -87,6 +87,10 @@ class FplError(ZooError, ValueError):
     """A FAST text pipeline cannot be parsed or a model cannot be exported to FAST."""
 
 
+class ExportError(ZooError, ValueError):
+    """A model cannot be written in another tool's format (WSInfer, bioimage.io); the message says why."""
+
+
 class ProviderError(ZooError, RuntimeError):
     """An inference provider or device that was asked for is not available on this machine."""
 

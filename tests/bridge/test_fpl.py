@@ -8,7 +8,7 @@ import pytest
 
 from bridge.fpl import check_exportable, export_fast_folder, parse_fpl, read_fpl, repo_pipeline_files, write_fpl
 from tests.conftest import REPO, SHARED
-from zoo.errors import FplError
+from zoo.errors import FplError, OutputExistsError
 from zoo.registry import ModelEntry, load_registry
 
 REAL_FPL = sorted(SHARED.glob("fpl/*/*.fpl"))
@@ -59,6 +59,20 @@ def test_kept_pipelines_match_registry(model: str) -> None:
         kept = REPO / "pipelines" / name
         assert kept.exists(), f"{kept} missing: run `zoo export pipelines`"
         assert parse_fpl(kept.read_text()) == parse_fpl(text), f"{kept} is stale: run `zoo export pipelines`"
+
+
+def test_export_folder_never_replaces_files_unless_force(tmp_path: Path) -> None:
+    """A user's own pipeline of the same name is kept (nothing at all is written) until --force."""
+    reg = load_registry()
+    entry = reg.get(None)
+    mine = tmp_path / "pipelines" / f"{entry.name}.fpl"
+    mine.parent.mkdir()
+    mine.write_text("PipelineName 'my own edited pipeline'\n")
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_fast_folder(entry, reg, tmp_path)
+    assert mine.read_text().startswith("PipelineName 'my own") and not (tmp_path / "models").exists()
+    written = export_fast_folder(entry, reg, tmp_path, force=True)
+    assert mine in written and "my own" not in mine.read_text()
 
 
 def test_export_folder_layout(tmp_path: Path) -> None:
@@ -136,7 +150,7 @@ def test_export_folder_of_a_cascade_copies_every_stage(tmp_path: Path) -> None:
 
 
 def test_cascade_fast_export_refuses_what_fast_cannot_feed() -> None:
-    from zoo.errors import FplError
+    from zoo.errors import FplError, OutputExistsError
     from zoo.registry import ModelEntry
 
     data = load_registry().get("tumour-h2g").model_dump(mode="json")
@@ -148,7 +162,7 @@ def test_cascade_fast_export_refuses_what_fast_cannot_feed() -> None:
 
 
 def test_multi_input_models_are_refused_with_the_reason() -> None:
-    from zoo.errors import FplError
+    from zoo.errors import FplError, OutputExistsError
 
     entry = load_registry().get("multilevel-unet")
     with pytest.raises(FplError, match="centred context tile"):
