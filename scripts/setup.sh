@@ -24,3 +24,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 # Non-editable install: the registry, weights and pipelines are package data.
 .venv/bin/python -m pip install -q ".[dev]"
+
+# bioimage.io's own checker for `zoo export bioimageio` packages, in a venv of its own (its pins clash with ours)
+[ -x .venv-bioimageio/bin/python ] || "$PY" -m venv .venv-bioimageio
+.venv-bioimageio/bin/python -m pip install -q -r .ci/bioimageio-requirements.txt

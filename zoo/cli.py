@@ -332,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="folder to write <name>-<version>/ into")
     f.add_argument("--force", action="store_true", help="replace an earlier zoo export of this model there")
     f = esub.add_parser(
+        "bioimageio",
+        help="bioimage.io model package (rdf.yaml 0.5, ONNX + TorchScript, test tensors) for segmentation models",
+        formatter_class=fmt,
+    )
+    f.add_argument("model", help="NAME or NAME@VERSION (a single-input segmentation model)")
+    f.add_argument("--out", required=True, help="folder to write <name>-<version>/ into")
+    f.add_argument("--force", action="store_true", help="replace an earlier zoo export of this model there")
+    f = esub.add_parser(
         "pipelines", help="(re)write the kept FAST pipelines of every registered model", formatter_class=fmt
     )
     f.add_argument("--dir", default=None, help="pipelines folder (default: beside the registry)")
@@ -952,6 +960,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from bridge.wsinfer import export_wsinfer
 
         print(export_wsinfer(reg.get(args.model), reg, Path(args.out), force=args.force))
+        return 0
+    if args.target == "bioimageio":
+        from bridge.bioimageio import export_bioimageio
+
+        print(export_bioimageio(reg.get(args.model), reg, Path(args.out), force=args.force))
         return 0
     written = export_fast_folder(reg.get(args.model), reg, Path(args.dir), engine=args.engine, force=args.force)
     for p in written:

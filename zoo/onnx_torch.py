@@ -175,6 +175,8 @@ def _concat(x: list[Any], a: dict[str, Any]) -> list[Any]:
 
 @_op("Shape")
 def _shape(x: list[Any], a: dict[str, Any]) -> list[Any]:
+    if torch.jit.is_tracing():  # a traced shape (TorchScript exports): the batch size stays free
+        return [torch._shape_as_tensor(x[0])[a.get("start", 0) : a.get("end", None)]]
     shape = list(x[0].shape)[a.get("start", 0) : a.get("end", None)]
     return [torch.tensor(shape, dtype=torch.int64)]
 
@@ -205,10 +207,24 @@ def _unsqueeze(x: list[Any], a: dict[str, Any]) -> list[Any]:
 
 @_op("Reshape")
 def _reshape(x: list[Any], a: dict[str, Any]) -> list[Any]:
+    if torch.jit.is_tracing() and isinstance(x[1], torch.Tensor):
+        return [_traced_reshape(x[0], x[1], bool(a.get("allowzero", 0)))]
     shape = _ints(x[1])
     if not a.get("allowzero", 0):
         shape = [x[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
     return [x[0].reshape(shape)]
+
+
+def _traced_reshape(data: Any, shape: Any, allowzero: bool) -> Any:
+    """Reshape with the target kept as a traced tensor (0 copies that input dim), so that shapes computed
+    from the input (``Shape`` -> ``Reshape``, as in exported GroupNorms) follow the batch size."""
+    shape = shape.to(torch.int64).cpu()
+    if not allowzero:
+        src = torch._shape_as_tensor(data)
+        n = int(shape.numel())
+        src = torch.cat([src, torch.ones(max(0, n - len(src)), dtype=torch.int64)])[:n]
+        shape = torch.where(shape == 0, src, shape)
+    return data.reshape(list(shape.unbind(0)))
 
 
 @_op("Flatten")

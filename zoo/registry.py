@@ -50,6 +50,20 @@ class ClassSpec(_Strict):
         return v
 
 
+class CiteSpec(_Strict):
+    """A work to cite with the model (its paper, its training data), with a DOI or a URL."""
+
+    text: str = Field(min_length=1)
+    doi: str | None = Field(None, pattern=r"^10\.[0-9]{4,}/\S+$", description="DOI without the https://doi.org/")
+    url: str | None = Field(None, pattern=r"^https?://\S+$")
+
+    @model_validator(mode="after")
+    def _doi_or_url(self) -> CiteSpec:
+        if not (self.doi or self.url):
+            raise ValueError(f"cite {self.text!r}: give a doi or a url")
+        return self
+
+
 class InputSpec(_Strict):
     """What the network expects.
 
@@ -250,6 +264,9 @@ class ModelEntry(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
     test: TestSpec | None = None
     card: str | None = Field(None, description="model card (markdown), relative to the registry")
+    cite: list[CiteSpec] = Field(
+        default_factory=list, description="works to cite with the model (papers, data), for bioimage.io and cards"
+    )
     warning: str | None = Field(
         None, description="what a user must know before trusting it (shown by `zoo list`, `zoo info` and `zoo run`)"
     )

@@ -150,7 +150,7 @@ def test_export_folder_of_a_cascade_copies_every_stage(tmp_path: Path) -> None:
 
 
 def test_cascade_fast_export_refuses_what_fast_cannot_feed() -> None:
-    from zoo.errors import FplError, OutputExistsError
+    from zoo.errors import FplError
     from zoo.registry import ModelEntry
 
     data = load_registry().get("tumour-h2g").model_dump(mode="json")
@@ -162,7 +162,7 @@ def test_cascade_fast_export_refuses_what_fast_cannot_feed() -> None:
 
 
 def test_multi_input_models_are_refused_with_the_reason() -> None:
-    from zoo.errors import FplError, OutputExistsError
+    from zoo.errors import FplError
 
     entry = load_registry().get("multilevel-unet")
     with pytest.raises(FplError, match="centred context tile"):
