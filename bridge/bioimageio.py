@@ -181,6 +181,16 @@ def rdf(
                 "data": {"type": "float32", "range": [0.0, 1.0]},
             }
         ],
+        # what bioimage.io has no field for, so that `zoo register` of this package runs as the original does
+        "config": {
+            "pathology-zoo": {
+                "model": entry.id,
+                "classes": [c.model_dump(mode="json", exclude_none=True) for c in classes],
+                "input": {"overlap": spec.overlap, "mode": spec.mode, "trained_mpp": list(spec.trained_mpp)},
+                "output": {"threshold": out.threshold},
+                "selection": entry.selection.model_dump(mode="json", exclude_none=True),
+            }
+        },
         "weights": {
             "onnx": {"source": files["onnx"], "sha256": files["onnx_sha256"], "opset_version": opset},
             "torchscript": {

@@ -91,6 +91,10 @@ class ExportError(ZooError, ValueError):
     """A model cannot be written in another tool's format (WSInfer, bioimage.io); the message says why."""
 
 
+class RegisterError(ZooError, ValueError):
+    """A model cannot be registered as given (`zoo register`); the message says what to pass or fix."""
+
+
 class ProviderError(ZooError, RuntimeError):
     """An inference provider or device that was asked for is not available on this machine."""
 
