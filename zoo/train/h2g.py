@@ -322,6 +322,17 @@ def export(state_dir: Path, out_dir: Path, tol: float = 1e-4) -> dict[str, float
     }  # fmt: skip
 
 
+def export_patches(state_dir: Path, out_dir: Path, temperature: float = 1.0) -> dict[str, float]:
+    """``patches.onnx`` (the softmax at ``temperature`` inside the graph) from ``patches.pt``."""
+    from zoo.train.export import export_onnx
+    from zoo.train.pcam_recipe import DihedralTTA
+
+    net = PatchClassifier()
+    net.load_state_dict(torch.load(state_dir / "patches.pt", map_location="cpu"))
+    model: nn.Module = DihedralTTA(net, temperature, tta=False) if temperature != 1.0 else net
+    return {"patches": export_onnx(model.eval(), (3, 96, 96), out_dir / "patches.onnx", "image", "probabilities")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zoo.train.h2g", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -333,6 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch1", type=int, default=128, help="stage-1 batch (balanced)")
     t.add_argument("--batch2", type=int, default=4, help="stage-2 batch of 1024x1024 composites")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+    f = sub.add_parser("train-patches-full", help="1.1: the patch stage on all 23,000 PCam patches, full recipe")
+    f.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    f.add_argument("--out", type=Path, required=True, help="folder for patches.pt and train.json")
+    f.add_argument("--epochs", type=int, default=12, help="epochs of the one-cycle schedule")
+    f.add_argument("--batch", type=int, default=128, help="balanced batch")
+    f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    f.add_argument("--seed", type=int, default=0, help="random seed")
+    f.add_argument("--patience", type=int, default=None, help="stop this many epochs after the best (default: never)")
+    x = sub.add_parser("export-patches", help="export patches.onnx from patches.pt (calibrated softmax)")
+    x.add_argument("--state", type=Path, required=True, help="folder with patches.pt")
+    x.add_argument("--out", type=Path, required=True, help="folder for patches.onnx")
+    x.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (train.json)")
     e = sub.add_parser("export", help="export the two ONNX files")
     e.add_argument("--state", type=Path, required=True, help="folder with patches.pt and refine.pt")
     e.add_argument("--out", type=Path, required=True, help="folder for patches.onnx and refine.onnx")
@@ -340,6 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "train":
         s = train(a.pack, a.out, a.steps1, a.steps2, a.batch1, a.batch2, a.seed)
         print(json.dumps({k: s[k] for k in ("device", "seed")}))
+    elif a.cmd == "train-patches-full":
+        from zoo.train.pcam_recipe import train_full
+
+        s = train_full(
+            PatchClassifier(), a.zip, a.out, "patches.pt", a.epochs, a.batch, a.lr, a.seed, patience=a.patience
+        )
+        print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
+    elif a.cmd == "export-patches":
+        print(json.dumps(export_patches(a.state, a.out, a.temperature)))
     else:
         print(json.dumps(export(a.state, a.out)))
     return 0

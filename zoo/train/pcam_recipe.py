@@ -284,3 +284,54 @@ def evaluate(net: nn.Module, splits: dict[str, tuple[torch.Tensor, np.ndarray]])
             "tta8_ci95": bootstrap_ci(tta, y, 0.5),
         }
     return out
+
+
+def train_full(
+    net: nn.Module,
+    zip_path: Path,
+    out: Path,
+    state_name: str,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    steps_per_epoch: int | None = None,
+    limit: int | None = None,
+    patience: int | None = None,
+) -> dict[str, object]:
+    """Train a PCam patch classifier (``net`` with ``.logits``) on every patch (:func:`pcam_splits`) with
+    :func:`fit`, save ``out/state_name`` and ``out/train.json`` (history, :func:`evaluate` on select and report).
+
+    ``limit`` keeps that many patches of each split (tests only).
+    """
+    import json
+
+    from zoo.train.common import count_parameters, device, device_name, save_state, to_tensor
+
+    dev = device()
+    t0 = time.perf_counter()
+    sp = pcam_splits(zip_path, seed)
+    sets = {"train": sp.train, "select": sp.select, "report": sp.report}
+    if limit:
+        sets = {k: v.subset(np.linspace(0, len(v) - 1, limit).astype(int)) for k, v in sets.items()}
+    data = {k: (to_tensor(v.decode(), dev), v.labels) for k, v in sets.items()}
+    net = net.to(dev)
+    tx, ty = data["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    fitted = fit(
+        net, tx, torch.from_numpy(ty).to(dev), *data["select"], epochs, batch, lr, seed,
+        patience=patience, steps_per_epoch=steps_per_epoch, on_epoch=lambda r: print(json.dumps(r), flush=True),
+    )  # fmt: skip
+    save_state(net, out / state_name)
+    ev = evaluate(net, {k: data[k] for k in ("select", "report")})
+    summary: dict[str, object] = {
+        "device": device_name(dev), "torch": torch.__version__, "seed": seed, "parameters": count_parameters(net),
+        "network": type(net).__name__,
+        "data": {k: {"tumour": int((v.labels == 1).sum()), "non_tumour": int((v.labels == 0).sum())}
+                 for k, v in sets.items()},
+        "splits": "train = PCam train (all); select/report = PCam valid cut in two balanced halves (seeded)",
+        "recipe": "AdamW one-cycle, balanced batches, dihedral + HED jitter + brightness/contrast + scale 0.9-1.1",
+        "fit": fitted, "evaluation": ev, "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    (out / "train.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -102,47 +102,12 @@ def train_full(
     limit: int | None = None,
     patience: int | None = None,
 ) -> dict[str, object]:
-    """1.1: every PCam patch (:func:`zoo.train.pcam_recipe.pcam_splits`), the full recipe, TTA and calibration.
-
-    ``limit`` keeps that many patches of each split (tests only).
-    """
+    """1.1: the tile CNN on every PCam patch with the full recipe (:func:`zoo.train.pcam_recipe.train_full`)."""
     from zoo.train import pcam_recipe as rc
 
-    dev = device()
-    t0 = time.perf_counter()
-    sp = rc.pcam_splits(zip_path, seed)
-    sets = {"train": sp.train, "select": sp.select, "report": sp.report}
-    if limit:
-        sets = {k: v.subset(np.linspace(0, len(v) - 1, limit).astype(int)) for k, v in sets.items()}
-    data = {k: (to_tensor(v.decode(), dev), v.labels) for k, v in sets.items()}
-    net = TileCNN().to(dev)
-    tx, ty = data["train"]
-    out.mkdir(parents=True, exist_ok=True)
-    fitted = rc.fit(
-        net,
-        tx,
-        torch.from_numpy(ty).to(dev),
-        *data["select"],
-        epochs,
-        batch,
-        lr,
-        seed,
-        patience=patience,
-        steps_per_epoch=steps_per_epoch,
-        on_epoch=lambda r: print(json.dumps(r), flush=True),
+    return rc.train_full(
+        TileCNN(), zip_path, out, "tiles.pt", epochs, batch, lr, seed, steps_per_epoch, limit, patience
     )
-    save_state(net, out / "tiles.pt")
-    ev = rc.evaluate(net, {k: data[k] for k in ("select", "report")})
-    summary: dict[str, object] = {
-        "device": device_name(dev), "torch": torch.__version__, "seed": seed, "parameters": count_parameters(net),
-        "data": {k: {"tumour": int((v.labels == 1).sum()), "non_tumour": int((v.labels == 0).sum())}
-                 for k, v in sets.items()},
-        "splits": "train = PCam train (all); select/report = PCam valid cut in two balanced halves (seeded)",
-        "recipe": "AdamW one-cycle, balanced batches, dihedral + HED jitter + brightness/contrast + scale 0.9-1.1",
-        "fit": fitted, "evaluation": ev, "seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
-    (out / "train.json").write_text(json.dumps(summary, indent=1))
-    return summary
 
 
 def export(state_dir: Path, out_dir: Path, tta: bool = False, temperature: float = 1.0) -> dict[str, float]:
@@ -150,10 +115,10 @@ def export(state_dir: Path, out_dir: Path, tta: bool = False, temperature: float
 
     net: nn.Module = TileCNN()
     net.load_state_dict(torch.load(state_dir / "tiles.pt", map_location="cpu"))
-    if tta:
+    if tta or temperature != 1.0:  # the calibrated softmax (and the 8 views, with tta) inside the graph
         from zoo.train.pcam_recipe import DihedralTTA
 
-        net = DihedralTTA(net, temperature)
+        net = DihedralTTA(net, temperature, tta=tta)
     return {"tiles": export_onnx(net.eval(), (3, 96, 96), out_dir / "tumour-tiles.onnx", "image", "probabilities")}
 
 
