@@ -269,6 +269,25 @@ def _bioimageio_normalisation(where: Path, steps: list[dict[str, Any]]) -> tuple
     return scale, [-o * s for o, s in zip(offset, std, strict=True)], std
 
 
+def _declare_output_dims(onnx_path: Path, dims: list[int | str]) -> None:
+    """Write ``dims`` as the first output's declared shape (an int fixes an axis, a str names a free one).
+
+    Tracing through reshapes (a dihedral TTA's view average, say) can leave the exported output's shape unknown
+    though the model's class count is fixed; the caller checks ``dims`` against what the model returned.
+    """
+    import onnx
+
+    model = onnx.load_model(str(onnx_path))
+    shape = model.graph.output[0].type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        if isinstance(d, int):
+            shape.dim.add().dim_value = d
+        else:
+            shape.dim.add().dim_param = d
+    onnx.save_model(model, str(onnx_path))
+
+
 def request_from_wsinfer(folder: Path, req: Request, work: Path) -> tuple[Path, Request]:
     """(an ONNX file converted from the folder's TorchScript into ``work``, ``req`` completed from config.json).
 
@@ -300,6 +319,13 @@ def request_from_wsinfer(folder: Path, req: Request, work: Path) -> tuple[Path, 
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
         )  # fmt: skip
         expected = ts(x).numpy()
+    n_classes = len(cfg.get("class_names") or []) or int(cfg.get("num_classes", 0))
+    if expected.ndim != 2 or expected.shape[1] != n_classes:
+        raise RegisterError(
+            f"{ts_path}: returns shape {list(expected.shape)} for 2 patches, not (2, {n_classes}) as config.json's "
+            "class_names say; fix config.json or the model"
+        )
+    _declare_output_dims(onnx_path, ["batch", n_classes])
     import onnxruntime as ort
 
     got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
