@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,67 @@ def test_few_seeded_steps_and_export(tmp_path: Path) -> None:
     e1 = export_onnx(cd.eval(), (3, 128, 128), tmp_path / "cd.onnx", "image", "probabilities")
     e2 = export_onnx(ml.eval(), [(3, 64, 64), (3, 64, 64)], tmp_path / "ml.onnx", ["image", "context"], "probabilities")
     assert e1 < 1e-4 and e2 < 1e-4
+
+
+# --------------------------------------------------------------------------- the 1.1 recipe (issue 25)
+
+
+def _pools(n: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tumour patches uniformly 60, non-tumour uniformly 160, glass uniformly 245 (so each pixel's source is known)."""
+    return (torch.full((n, 3, 96, 96), 60, dtype=torch.uint8), torch.full((n, 3, 96, 96), 160, dtype=torch.uint8),
+            torch.full((3, 3, 96, 96), 245, dtype=torch.uint8))  # fmt: skip
+
+
+def test_seamless_labels_are_exact_and_regions_have_no_grid() -> None:
+    from zoo.train import seamless
+
+    tum, nor, gla = _pools()
+    gen = torch.Generator().manual_seed(0)
+    free = 0
+    for _ in range(8):
+        c = seamless.composite(tum, nor, gla, 384, gen)
+        v = c.image[0] * 255
+        lab = c.label
+        # away from region borders (2 px soft edge) each label shows exactly its own material
+        for code, value in ((seamless.GLASS, 245), (seamless.TISSUE, 160), (seamless.TUMOUR, 60)):
+            inner = lab == code
+            inner &= ~seamless._dilate(~inner, 3)
+            if inner.any():
+                assert torch.allclose(v[inner], torch.full_like(v[inner], value), atol=0.5), code
+        assert set(torch.unique(lab).tolist()) <= {0, 1, 2, seamless.IGNORE}
+        free += int(not (lab == seamless.TUMOUR).any())
+        # the tumour/tissue boundary is ignored, never labelled either way
+        if (lab == seamless.TUMOUR).any() and (lab == seamless.TISSUE).any():
+            assert (lab == seamless.IGNORE).any()
+    assert free >= 1  # some canvases are tumour-free
+
+
+def test_weave_hides_the_piece_lattice() -> None:
+    """Pieces of distinct patches are cross-faded: a jump between two patches (up to 240 grey levels here) is
+    spread over at least 8 px, never a hard seam; and the pieces' record points at the patches actually used."""
+    from zoo.train import seamless
+
+    pool = torch.arange(0, 250, 10, dtype=torch.uint8)[:, None, None, None].expand(25, 3, 96, 96).contiguous()
+    tex = seamless.weave(pool, 256, torch.Generator().manual_seed(1))
+    grey = tex.image[0] * 255
+    steps = (grey[:, 1:] - grey[:, :-1]).abs().amax(0)
+    assert float(steps.max()) <= 240 / 8
+    assert tex.pieces.shape[1] == 3 and int(tex.pieces[:, 0].max()) < 25
+    score = seamless.piece_scores(tex, torch.ones(256, 256), 25)
+    assert float(score.sum()) > 0
+
+
+def test_multiclass_recipe_runs_a_few_seeded_steps(tmp_path: Path) -> None:
+    """train-full of each family: 3 + 2 steps on 300 real PCam patches, hard negatives mined, held-out figures."""
+    from zoo.train.multiclass_recipe import train_full
+
+    zip_path, slide = shared("pcam", "pcam-ai4all-trainval.zip"), shared("slides", "kidney-48-5.tif")
+    images = shared("images")
+    for name, net, ctx in (("cd-unet", CDUNet(base=8), 0), ("multilevel-unet", MultiLevelUNet(base=8), 4)):
+        s = train_full(net, name, ctx, zip_path, slide, images, tmp_path / name, 3, 2, 2, 64, 0, eval_composites=2,
+                       canvas_px=256, limit=300)  # fmt: skip
+        saved = json.loads((tmp_path / name / "train.json").read_text())
+        assert (tmp_path / name / f"{name}.pt").exists() and saved["round2"]["steps"] == 2
+        ev = saved["evaluation_report_composites"]
+        assert 0 <= ev["tumour_called_on_tumour_free_tissue"] <= 1 and ev["composites"] == 2
+        assert s["hard_negatives"]["patches_seen"] > 0

@@ -168,6 +168,18 @@ def test_full_recipe_runs_a_few_seeded_steps(tmp_path: Path) -> None:
     assert s["data"]["train"]["tumour"] + s["data"]["train"]["non_tumour"] == 64
 
 
+def test_tile_resnet_trains_with_the_full_recipe_and_exports(tmp_path: Path) -> None:
+    """1.2's network: its size, a few seeded train-full steps on 48 patches per split, and the TTA export."""
+    from zoo.train.tumour_tiles import TileResNet, export, train_full
+
+    assert count_parameters(TileResNet()) == 2_795_554
+    s = train_full(shared("pcam", "pcam-ai4all-trainval.zip"), tmp_path, 1, 16, 1e-3, 0, steps_per_epoch=2, limit=48,
+                   net="resnet")  # fmt: skip
+    assert s["network"] == "TileResNet" and (tmp_path / "tiles.pt").exists()
+    diff = export(tmp_path, tmp_path / "onnx", tta=True, temperature=1.3, net_name="resnet")["tiles"]
+    assert diff < 1e-4
+
+
 def test_calibration_helpers() -> None:
     from zoo.train.pcam_recipe import best_threshold, expected_calibration_error, fit_temperature
 

@@ -86,7 +86,9 @@ def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return family_main(argv, "zoo.train.cd_unet", __doc__ or "", train, export, "cd-unet", batch=8, tile_px=512)
+    return family_main(
+        argv, "zoo.train.cd_unet", __doc__ or "", train, export, "cd-unet", batch=8, tile_px=512, make_net=CDUNet
+    )
 
 
 if __name__ == "__main__":

@@ -83,35 +83,39 @@ class CanvasSource:
         label[tissue & (hi != lo) & (hi <= 2) & (lo >= 1)] = IGNORE
         n_art = int(torch.randint(0, 3, (1,), generator=gen, device=dev))
         for _ in range(n_art):
-            self._paste_artefact(img, label, gen)
+            paste_artefact(img, label, self.artefacts, gen)
         return img, label
 
-    def _paste_artefact(self, img: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> None:
-        dev = img.device
-        src_rgb, src_mask = self.artefacts[int(torch.randint(0, len(self.artefacts), (1,), generator=gen, device=dev))]
-        ys, xs = torch.nonzero(src_mask, as_tuple=True)
-        k = int(torch.randint(0, len(ys), (1,), generator=gen, device=dev))
-        w = int(torch.randint(24, 64, (1,), generator=gen, device=dev))
-        h0, w0 = src_mask.shape
-        y0 = max(0, min(h0 - w, int(ys[k]) - w // 2))
-        x0 = max(0, min(w0 - w, int(xs[k]) - w // 2))
-        f = float(torch.empty(1, device=dev).uniform_(8.0, 20.0, generator=gen))
-        side = min(int(w * f), img.shape[-1])
-        crop = F.interpolate(
-            src_rgb[None, :, y0 : y0 + w, x0 : x0 + w].float() / 255.0, size=(side, side), mode="bilinear"
-        )[0]
-        mask = (
-            F.interpolate(src_mask[None, None, y0 : y0 + w, x0 : x0 + w].float(), size=(side, side), mode="nearest")[
-                0, 0
-            ]
-            > 0.5
-        )
-        s = img.shape[-1]
-        py = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
-        px = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
-        region = img[:, py : py + side, px : px + side]
-        region[:, mask] = crop[:, mask]
-        label[py : py + side, px : px + side][mask] = 3
+
+def paste_artefact(
+    img: torch.Tensor, label: torch.Tensor, artefacts: list[tuple[torch.Tensor, torch.Tensor]], gen: torch.Generator
+) -> None:
+    """Paste one Exclude stroke (a pen mark or coverslip edge cut along its mask, upscaled 8-20x) in place."""
+    dev = img.device
+    src_rgb, src_mask = artefacts[int(torch.randint(0, len(artefacts), (1,), generator=gen, device=dev))]
+    ys, xs = torch.nonzero(src_mask, as_tuple=True)
+    k = int(torch.randint(0, len(ys), (1,), generator=gen, device=dev))
+    w = int(torch.randint(24, 64, (1,), generator=gen, device=dev))
+    h0, w0 = src_mask.shape
+    y0 = max(0, min(h0 - w, int(ys[k]) - w // 2))
+    x0 = max(0, min(w0 - w, int(xs[k]) - w // 2))
+    f = float(torch.empty(1, device=dev).uniform_(8.0, 20.0, generator=gen))
+    side = min(int(w * f), img.shape[-1])
+    crop = F.interpolate(
+        src_rgb[None, :, y0 : y0 + w, x0 : x0 + w].float() / 255.0, size=(side, side), mode="bilinear"
+    )[0]
+    mask = (
+        F.interpolate(src_mask[None, None, y0 : y0 + w, x0 : x0 + w].float(), size=(side, side), mode="nearest")[
+            0, 0
+        ]
+        > 0.5
+    )
+    s = img.shape[-1]
+    py = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
+    px = int(torch.randint(0, s - side + 1, (1,), generator=gen, device=dev))
+    region = img[:, py : py + side, px : px + side]
+    region[:, mask] = crop[:, mask]
+    label[py : py + side, px : px + side][mask] = 3
 
 
 def crops(
@@ -155,12 +159,18 @@ def load_sources(pack: Path, device: torch.device) -> CanvasSource:
     x = to_tensor(s1.decode(), device)
     y = torch.from_numpy(s1.labels).to(device)
     g = to_tensor(gl.decode(), device)
-    arts = []
     with np.load(pack) as z:
-        for n in ARTEFACTS:
-            rgb = torch.from_numpy(z[f"{n}_rgb"].transpose(2, 0, 1).copy()).to(device)
-            arts.append((rgb, torch.from_numpy(z[f"{n}_mask"]).to(device)))
+        arts = artefact_tensors({k: z[k] for k in z.files if k.startswith(ARTEFACTS)}, device)
     return CanvasSource(x[y == 1], x[y == 0], g, arts)
+
+
+def artefact_tensors(arrays: dict[str, np.ndarray], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(RGB (3, H, W) uint8, mask (H, W) bool) tensors of the :func:`artefact_arrays` crops, in ``ARTEFACTS`` order."""
+    return [
+        (torch.from_numpy(arrays[f"{n}_rgb"].transpose(2, 0, 1).copy()).to(device),
+         torch.from_numpy(arrays[f"{n}_mask"]).to(device))
+        for n in ARTEFACTS
+    ]  # fmt: skip
 
 
 def train_segmenter(
@@ -256,18 +266,32 @@ def family_main(
     model: str,
     batch: int,
     tile_px: int,
+    make_net: Callable[[], nn.Module] | None = None,
+    context: int = 0,
 ) -> int:
-    """The ``train``/``export`` command line shared by the multi-class model families."""
+    """The ``train``/``train-full``/``export`` command line shared by the multi-class model families."""
     import argparse
 
     ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the model and its baseline from a pack")
+    t = sub.add_parser("train", help="1.0: train the model and its baseline from a pack (grid composites)")
     t.add_argument("--pack", type=Path, required=True, help="pack .npz (python -m zoo.train.multiclass_data)")
     t.add_argument("--out", type=Path, required=True, help="folder for the state dicts and train.json")
     t.add_argument("--steps", type=int, default=1500, help="SGD steps per model")
     t.add_argument("--batch", type=int, default=batch, help=f"{tile_px} px tiles per step")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+    f = sub.add_parser("train-full", help="1.1: all PCam patches, seamless composites, hard negatives")
+    f.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    f.add_argument("--glass-slide", type=Path, default=Path("../shared/data/slides/kidney-48-5.tif"), help="glass")
+    f.add_argument("--images", type=Path, default=Path("../shared/data/images"), help="artefact crops folder")
+    f.add_argument("--out", type=Path, required=True, help=f"folder for {model}.pt and train.json")
+    f.add_argument("--steps", type=int, default=2400, help="AdamW steps of round 1")
+    f.add_argument("--hard-steps", type=int, default=800, help="steps of round 2, on hard negatives (0: none)")
+    f.add_argument("--batch", type=int, default=8, help="tiles per step")
+    f.add_argument("--tile", type=int, default=256, help="training tile size in px (the network is convolutional)")
+    f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    f.add_argument("--eval-composites", type=int, default=20, help="held-out composites to report on")
+    f.add_argument("--seed", type=int, default=0, help="random seed")
     e = sub.add_parser("export", help=f"export {model}.onnx")
     e.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt")
     e.add_argument("--out", type=Path, required=True, help="output folder")
@@ -275,6 +299,15 @@ def family_main(
     if a.cmd == "train":
         s = train(a.pack, a.out, a.steps, a.batch, a.seed)
         print(json.dumps({k: v["seconds"] for k, v in s.items() if isinstance(v, dict)}))
+    elif a.cmd == "train-full":
+        from zoo.train.multiclass_recipe import train_full
+
+        if make_net is None:
+            raise SystemExit(f"{module}: no train-full recipe")
+        train_full(
+            make_net(), model, context, a.zip, a.glass_slide, a.images, a.out, a.steps, a.hard_steps, a.batch,
+            a.tile, a.seed, a.lr, eval_composites=a.eval_composites,
+        )  # fmt: skip
     else:
         print(json.dumps(export(a.state, a.out)))
     return 0

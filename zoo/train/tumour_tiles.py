@@ -10,8 +10,14 @@ three dropout layers, softmax, categorical cross-entropy, Adam 1e-4, batch 16, r
 three 3x3 conv + ReLU + 2x2 max-pool stages (32, 64, 128 filters), dense 64, dense 2
 (1,271,234 parameters; :func:`count_parameters`).
 
+1.2 replaces that network with :class:`TileResNet`, a lightweight residual CNN (eight 3x3 basic blocks,
+batch norm, global average pooling): the seed's three-layer CNN could not fit the 20,000 PCam patches
+under the full augmentation (training loss 0.39 at its best, PCam valid AUC 0.92), the residual one
+reaches AUC 0.95 with the same recipe.
+
 ``python -m zoo.train.tumour_tiles train --pack PACK --out DIR`` trains 1.0 (GPU when present);
-``train-full --zip PCAM --out DIR`` trains 1.1 on all 23,000 patches with :mod:`zoo.train.pcam_recipe`;
+``train-full --zip PCAM --out DIR [--net resnet]`` trains 1.1 (1.2) on all 23,000 patches with
+:mod:`zoo.train.pcam_recipe`;
 ``rails --zip PCAM`` prints the rails; ``export`` writes the ONNX file (``--tta``: 1.1's graph, the
 softmax at the fitted temperature averaged over the 8 dihedral views).
 """
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zoo.train.common import count_parameters, device, device_name, save_state, to_tensor
@@ -54,6 +61,55 @@ class TileCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=1)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a residual connection (1x1 projection when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.project: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.project = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + self.project(x))
+
+
+class TileResNet(nn.Module):
+    """(N, 3, 96, 96) RGB in [0, 1] -> (N, 2) probabilities: a stride-2 3x3 stem, four stages of two basic
+    blocks (``widths``; each later stage halves the resolution), global average pooling, one linear layer.
+
+    With the default widths: 2,795,554 parameters, 0.31 G multiply-adds per 96 px tile.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), classes: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            blocks += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
+
+
+#: the networks of this family by name: 1.0/1.1 ``cnn`` (seed 001's), 1.2 ``resnet``
+NETWORKS: dict[str, type[nn.Module]] = {"cnn": TileCNN, "resnet": TileResNet}
 
 
 def learn_rails(zip_path: Path) -> dict[str, float]:
@@ -101,19 +157,23 @@ def train_full(
     steps_per_epoch: int | None = None,
     limit: int | None = None,
     patience: int | None = None,
+    net: str = "cnn",
 ) -> dict[str, object]:
-    """1.1: the tile CNN on every PCam patch with the full recipe (:func:`zoo.train.pcam_recipe.train_full`)."""
+    """1.1 (``cnn``) / 1.2 (``resnet``): the tile network on every PCam patch with the full recipe
+    (:func:`zoo.train.pcam_recipe.train_full`)."""
     from zoo.train import pcam_recipe as rc
 
     return rc.train_full(
-        TileCNN(), zip_path, out, "tiles.pt", epochs, batch, lr, seed, steps_per_epoch, limit, patience
+        NETWORKS[net](), zip_path, out, "tiles.pt", epochs, batch, lr, seed, steps_per_epoch, limit, patience
     )
 
 
-def export(state_dir: Path, out_dir: Path, tta: bool = False, temperature: float = 1.0) -> dict[str, float]:
+def export(
+    state_dir: Path, out_dir: Path, tta: bool = False, temperature: float = 1.0, net_name: str = "cnn"
+) -> dict[str, float]:
     from zoo.train.export import export_onnx
 
-    net: nn.Module = TileCNN()
+    net: nn.Module = NETWORKS[net_name]()
     net.load_state_dict(torch.load(state_dir / "tiles.pt", map_location="cpu"))
     if tta or temperature != 1.0:  # the calibrated softmax (and the 8 views, with tta) inside the graph
         from zoo.train.pcam_recipe import DihedralTTA
@@ -154,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch", type=int, default=128, help="balanced batch")
     f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     f.add_argument("--seed", type=int, default=0, help="random seed")
+    f.add_argument("--net", choices=sorted(NETWORKS), default="cnn", help="cnn: seed 001's (1.1); resnet: 1.2")
     r = sub.add_parser("rails", help="print the entropy rails of the PCam training tumour patches")
     r.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
     e = sub.add_parser("export", help="export tumour-tiles.onnx")
@@ -161,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", type=Path, required=True, help="output folder")
     e.add_argument("--tta", action="store_true", help="average the 8 dihedral views inside the graph (1.1)")
     e.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (train.json, 1.1)")
+    e.add_argument("--net", choices=sorted(NETWORKS), default="cnn", help="the network tiles.pt holds")
     e.add_argument(
         "--test-from", type=Path, default=None, help="PCam zip: also write the bundled test from its valid split"
     )
@@ -169,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         s = train(a.pack, a.out, a.steps, a.batch, a.seed)
         print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
     elif a.cmd == "train-full":
-        s = train_full(a.zip, a.out, a.epochs, a.batch, a.lr, a.seed, patience=a.patience)
+        s = train_full(a.zip, a.out, a.epochs, a.batch, a.lr, a.seed, patience=a.patience, net=a.net)
         print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
     elif a.cmd == "rails":
         print(json.dumps(learn_rails(a.zip)))
     else:
-        res: dict[str, object] = dict(export(a.state, a.out, a.tta, a.temperature))
+        res: dict[str, object] = dict(export(a.state, a.out, a.tta, a.temperature, a.net))
         if a.test_from:
             res["bundled_test"] = write_bundled_test(a.out / "tumour-tiles.onnx", a.test_from, a.out)
         print(json.dumps(res))
