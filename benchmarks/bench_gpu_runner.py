@@ -68,8 +68,9 @@ def main() -> int:
     from bench_memory import make_slide  # type: ignore[import-not-found]
     from make_big_slide import make_big_slide  # type: ignore[import-not-found]
 
+    from zoo.engines.model import OnnxModel
     from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OnnxModel, RunOptions, plan_tiles, predict_slide
+    from zoo.runner import RunOptions, plan_tiles, predict_slide
     from zoo.slide import open_slide, read_scaled
 
     a.work.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python benchmarks/bench_inference.py [--model tissue-multires] [--mpp 2 4] [--rounds 7] [--keep-float-convs N]
 
 1. int8: the registered ONNX, its GroupNorms rewritten channels-last as the OpenVINO engine does
-   (:func:`zoo.onnx_rewrite.group_norm_channels_last`), is quantised by ONNX Runtime's post-training
+   (:func:`zoo.engines.openvino_rewrite.group_norm_channels_last`), is quantised by ONNX Runtime's post-training
    static quantisation (QDQ; per-channel int8 weights, uint8 activations; convolutions only, so
    normalisations and the head's activation stay in float; ``--keep-float-convs N`` leaves the first and
    last N in float too), calibrated on tissue tiles of the bundled CMU slide at the first ``--mpp``.
@@ -82,7 +82,7 @@ def quantise(
         quantize_static,
     )
 
-    from zoo.onnx_rewrite import group_norm_channels_last
+    from zoo.engines.openvino_rewrite import group_norm_channels_last
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -157,8 +157,10 @@ def main() -> int:
 
     from bridge.edits import dice
     from zoo.cli import bundled_slide
+    from zoo.engines.model import OnnxModel
+    from zoo.engines.select import engine_unavailable
     from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OnnxModel, RunOptions, engine_unavailable, plan_tiles, predict_slide
+    from zoo.runner import RunOptions, plan_tiles, predict_slide
     from zoo.slide import open_slide, read_scaled
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser warns once per GroupNorm constant

@@ -8,7 +8,7 @@ that load on the shared machine hits them alike; prints ms per tile (min and med
 GFLOP/s and the share of the machine's matrix-multiply rate for that precision:
 
 1. as exported, dynamic batch, float32 input normalised by the runner (the runner before #15's last round);
-2. GroupNorms rewritten channels-last (:func:`zoo.onnx_rewrite.group_norm_channels_last`);
+2. GroupNorms rewritten channels-last (:func:`zoo.engines.openvino_rewrite.group_norm_channels_last`);
 3. and a static batch;
 4. and uint8 tiles normalised inside OpenVINO (what ``zoo run`` does now; the runner's table lookup
    is timed in the other three, where the reader thread does it).
@@ -84,9 +84,10 @@ def main() -> int:
         sgemm_gflops,
     )
 
-    from zoo.onnx_rewrite import group_norm_channels_last
+    from zoo.engines.model import OnnxModel
+    from zoo.engines.openvino_engine import OV_PRECISION, ov_uint8_input
+    from zoo.engines.openvino_rewrite import group_norm_channels_last
     from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OV_PRECISION, OnnxModel, ov_uint8_input
 
     reg = load_registry()
     entry = reg.get(a.model)

@@ -53,8 +53,9 @@ def child_zoo(
     mode_arg: str = "",
     readers: str = "1",
 ) -> dict[str, Any]:
+    from zoo.engines.model import OnnxModel
     from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OnnxModel, RunOptions, plan_tiles, predict_slide
+    from zoo.runner import RunOptions, plan_tiles, predict_slide
     from zoo.slide import open_slide, read_scaled
 
     reg = load_registry()
@@ -163,7 +164,7 @@ def openvino_gemm_gflops(precision: str, size: int = 2048, repeats: int = 10) ->
         import openvino.opset13 as ops
     except ImportError:
         return None
-    from zoo.runner import OV_PRECISION
+    from zoo.engines.openvino_engine import OV_PRECISION
 
     rng = np.random.default_rng(0)
     a = ops.parameter([size, size], np.float32, name="a")
@@ -220,7 +221,7 @@ def min_median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 TIA_VENV = REPO / "benchmarks" / ".venv-tiatoolbox"
-#: TIAToolbox 2.1 needs torch<2.13 and its torchvision; onnx for zoo.onnx_torch (the same network and weights)
+#: TIAToolbox 2.1 needs torch<2.13 and its torchvision; onnx for zoo.engines.torch_graph (the same network and weights)
 TIA_REQUIREMENTS = ["tiatoolbox==2.1.3", "torch==2.12.1", "torchvision==0.27.1", "onnx"]
 
 

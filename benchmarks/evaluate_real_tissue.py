@@ -50,8 +50,8 @@ def tumour_models(names: list[str] | None) -> list[ModelEntry]:
 def tumour_probability(entry: ModelEntry, images: np.ndarray) -> tuple[np.ndarray, float]:
     """The first stage's Tumor probability per (N, 96, 96, 3) patch through the runner's engine (ONNX Runtime
     fp32), and ms per patch."""
+    from zoo.engines.model import OnnxModel
     from zoo.registry import verified_weights
-    from zoo.runner import OnnxModel
 
     reg = load_registry()
     model = OnnxModel(verified_weights(entry, reg), entry, ["CPUExecutionProvider"], 2)

@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bridge.edits import dice  # noqa: E402
+from zoo.engines.model import OnnxModel  # noqa: E402
 from zoo.registry import load_registry, verified_weights  # noqa: E402
-from zoo.runner import OnnxModel, RunOptions, predict_slide  # noqa: E402
+from zoo.runner import RunOptions, predict_slide  # noqa: E402
 from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled  # noqa: E402
 from zoo.tissue import otsu_saturation_mask, reference_labels  # noqa: E402
 

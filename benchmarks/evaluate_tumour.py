@@ -76,8 +76,9 @@ def patch_metrics(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
 def precision_agreement(images: np.ndarray) -> dict[str, dict[str, object]]:
     """Per patch classifier, engine and precision the runner offers: ms per patch (batches of 64) and how
     many PCam valid labels agree with ONNX Runtime fp32 (the registry asks >= 0.999 of a precision)."""
+    from zoo.engines.model import OnnxModel
+    from zoo.engines.select import engine_unavailable
     from zoo.registry import load_registry
-    from zoo.runner import OnnxModel, engine_unavailable
 
     reg = load_registry()
     out: dict[str, dict[str, object]] = {}

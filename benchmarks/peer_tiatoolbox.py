@@ -5,7 +5,7 @@ torch<2.13 and the matching torchvision), never in the project's:
 
     TIA_VENV/bin/python benchmarks/peer_tiatoolbox.py SLIDE MPP OUT_DIR [--batch 8]
 
-The network is the registered ONNX file run by :mod:`zoo.onnx_torch` (the same weights and arithmetic as
+The network is the registered ONNX file run by :mod:`zoo.engines.torch_graph` (the same weights and arithmetic as
 ``--engine torch``), wrapped as a TIAToolbox ``ModelABC`` with a 2-channel (background, tissue) output.
 TIAToolbox reads the slide itself (its WSIReader), tiles with the registry's patch size and overlap at the
 given µm/px, masks glass with its own tissue detector, stitches and writes the probabilities (zarr). The
@@ -42,7 +42,7 @@ def main() -> int:
     from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
     from tiatoolbox.models.models_abc import ModelABC
 
-    from zoo.onnx_torch import load_graph
+    from zoo.engines.torch_graph import load_graph
 
     reg = yaml.safe_load((REPO / "registry.yaml").read_text())
     entry = next(m for m in reg["models"] if m["name"] == "tissue-multires")

@@ -4,7 +4,7 @@ bioimage.io support.
 A package is a folder: ``rdf.yaml`` (typed axes with their spacing in micrometer, the registry's
 normalisation as ``ensure_dtype`` + ``scale_linear`` preprocessing, test tensors, weights, each file with
 its sha256), the pinned ONNX file, a TorchScript traced from it through the torch engine
-(:mod:`zoo.onnx_torch`; QuPath's extension runs TorchScript through Deep Java Library), the test tensors
+(:mod:`zoo.engines.torch_graph`; QuPath's extension runs TorchScript through Deep Java Library), the test tensors
 and ``README.md`` (the card, with a ``# Validation`` section). The test input is the entry's bundled test
 patch as the RGB pixels it was made from (uint8, or float 0-255 where it was resampled); the expected
 output is what ONNX Runtime computes from them after that preprocessing, checked against the registry's
@@ -206,7 +206,7 @@ def rdf(
 def _graph_module(entry: ModelEntry, onnx_path: Path) -> Any:
     import torch
 
-    from zoo.onnx_torch import load_graph
+    from zoo.engines.torch_graph import load_graph
 
     graph = load_graph(str(onnx_path), entry.id)
 
@@ -233,7 +233,7 @@ def export_bioimageio(entry: ModelEntry, registry: Registry, out: Path, force: b
     """
     import torch
 
-    from zoo.runner import OnnxModel
+    from zoo.engines.model import OnnxModel
 
     check_eligible(entry)
     onnx_path = verified_model_files(entry, registry)[0]

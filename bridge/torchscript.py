@@ -11,7 +11,7 @@ import numpy as np
 
 
 def save_traced(module: Any, example: np.ndarray, dest: Path) -> Any:
-    """Trace ``module`` (a torch module around :class:`zoo.onnx_torch.OnnxGraph`) on a batch of 2 made from
+    """Trace ``module`` (a torch module around :class:`zoo.engines.torch_graph.OnnxGraph`) on a batch of 2 made from
     ``example``, save it to ``dest`` and return it loaded back from there with ``torch.jit.load`` (what the
     consumers load), so callers check the saved file, not the module in memory.
 

@@ -9,7 +9,7 @@ here returns logits: ``log p`` of the registered model's probabilities, which a 
 exactly ``p`` (a sigmoid model's ``p`` becomes the two logits ``log(1 - p), log p``).
 
 The TorchScript is traced from the registry's pinned ONNX graph through the torch engine
-(:mod:`zoo.onnx_torch`), so it is the same network `zoo run` verifies, and it is checked against ONNX
+(:mod:`zoo.engines.torch_graph`), so it is the same network `zoo run` verifies, and it is checked against ONNX
 Runtime on the entry's bundled test before anything is written. ``zoo-export.json`` records both
 files' sha256 and the measured difference.
 """
@@ -100,7 +100,7 @@ def _logits_module(net: ModelEntry, onnx_path: Path) -> Any:
     """A torch module: NCHW RGB input as WSInfer makes it, logits whose softmax is the entry's probabilities."""
     import torch
 
-    from zoo.onnx_torch import load_graph
+    from zoo.engines.torch_graph import load_graph
 
     graph = load_graph(str(onnx_path), net.id)
     spec, out = net.input, net.output
@@ -135,7 +135,7 @@ def _bundled_input_nchw(net: ModelEntry, registry: Registry) -> np.ndarray:
 
 
 def _onnxruntime_probabilities(onnx_path: Path, net: ModelEntry, x_nchw: np.ndarray) -> np.ndarray:
-    from zoo.runner import OnnxModel
+    from zoo.engines.model import OnnxModel
 
     x = x_nchw.transpose(0, 2, 3, 1) if net.input.layout == "NHWC" else x_nchw
     model = OnnxModel(onnx_path, net, providers=["CPUExecutionProvider"])

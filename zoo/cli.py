@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from zoo.engines import ENGINES
 from zoo.errors import (
     FplError,
     GeoJSONError,
@@ -149,7 +150,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=["auto", "onnxruntime", "openvino", "torch"],
+        choices=["auto", *ENGINES],
         default="auto",
         help="inference engine; auto picks the fastest the model's entry allows here that passes its check",
     )
@@ -539,6 +540,7 @@ class Console:
 
 
 def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
+    from zoo.engines.onnxruntime_engine import check_providers
     from zoo.jobs import (
         JobConfig,
         JobResult,
@@ -550,7 +552,7 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         write_batch_summary,
     )
     from zoo.registry import load_registry, verified_model_files
-    from zoo.runner import RunOptions, check_providers
+    from zoo.runner import RunOptions
 
     reg = load_registry(args.registry)
     model = getattr(args, "model", None) or reg.default_model
@@ -565,7 +567,8 @@ def cmd_run(args: argparse.Namespace, slides: list[str] | None = None) -> int:
         check_providers(["CUDAExecutionProvider"])
     for _, view in entry.networks():  # a tampered or mismatched network, any stage, fails once, before any output
         verified_model_files(view, reg)
-    from zoo.verify import gpu_engines, select_engine
+    from zoo.engines.select import gpu_engines
+    from zoo.verify import select_engine
 
     gpu = gpu_engines(entry, args.engine, args.providers, args.device)
     if args.device is not None and not gpu:  # never a silent fall-back to the CPU

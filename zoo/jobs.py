@@ -471,13 +471,15 @@ def _run_locked(
     slide_path: Path, cfg: JobConfig, reg: Registry, entry: ModelEntry, dest: Path, rerun_reason: str | None
 ) -> JobResult:
     from bridge.geojson import ClassStyle, mask_to_feature_collection
+    from zoo.engines.model import OnnxModel
+    from zoo.engines.select import EngineChoice, gpu_engines
     from zoo.kinds import predict
     from zoo.labelmask import UNKNOWN_LABEL
     from zoo.outputs import current_umask, write_json, write_mask_tiff
     from zoo.pictures import render_overview, sample_mask
-    from zoo.runner import OnnxModel, background_premask
+    from zoo.runner import background_premask
     from zoo.slide import thumbnail
-    from zoo.verify import EngineChoice, gpu_engines, select_engine
+    from zoo.verify import select_engine
 
     networks = entry.networks()
     stage_files = {name: verified_model_files(view, reg) for name, view in networks}

@@ -1,32 +1,22 @@
-"""``zoo verify`` and the engine/precision choice: every pinned file, and a reproducibility run of the
-bundled test input on every engine and precision the model's entry allows.
+"""``zoo verify``: every pinned file, and a reproducibility run of the bundled test input on every engine and
+precision the model's entry allows.
 
 fp32 on ONNX Runtime must reproduce the bundled output within ``test.atol``; every other
 (engine, precision) must meet that precision's tolerance against it: the label mask's Dice
 (per foreground class, after the runner's thresholding) and the largest probability difference.
-``select_engine`` picks, for ``auto``, the fastest allowed combination that this machine can run
-and that passes.
+:func:`select_engine` hands these checks to :func:`zoo.engines.select.select`, which picks for ``auto`` the
+fastest allowed combination that this machine can run and that passes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from zoo.engines.select import EngineChoice, select
 from zoo.errors import ModelOutputError, ProviderError, RegistryError
 from zoo.registry import ModelEntry, Registry, verified_weights
-
-#: Expected speed order on a CPU (fastest first), measured with ``benchmarks/bench_runner.py --big --mpp 2``:
-#: bf16 on OpenVINO ran 1.9x ONNX Runtime fp32; ONNX Runtime fp32 ran 1.01-1.06x faster than OpenVINO fp32
-#: (``--engines onnxruntime:fp32 openvino:fp32``).
-CPU_PREFERENCE = [("openvino", "bf16"), ("openvino", "fp16"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
-
-#: Expected speed order on a CUDA GPU (fastest first), from inference alone on an H100
-#: (``benchmarks/bench_gpu_torch.py``: fp16 >= bf16 > fp32 at batch 128); not yet confirmed end to end
-#: (``benchmarks/bench_gpu_runner.py``). ONNX Runtime runs there only with onnxruntime-gpu installed.
-GPU_PREFERENCE = [("torch", "fp16"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("torch", "fp32")]
 
 _CHECKED: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
@@ -37,7 +27,9 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
     Returns ``ok``, ``skipped`` (a reason, when this machine cannot run it), ``dice``, ``max_abs_diff``
     and the tolerances. Results are kept for the life of the process.
     """
-    from zoo.runner import OnnxModel, engine_unavailable, labels_from_probabilities, to_probabilities
+    from zoo.engines.model import OnnxModel, to_probabilities
+    from zoo.engines.select import engine_unavailable
+    from zoo.runner import labels_from_probabilities
 
     key = (entry.id, entry.weights.sha256, engine, precision)
     if key in _CHECKED:
@@ -149,80 +141,16 @@ def verify_network(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
     }
 
 
-@dataclass
-class EngineChoice:
-    """The engine and precision a run uses, and why."""
-
-    engine: str
-    precision: str
-    reason: str
-    considered: list[dict[str, Any]] = field(default_factory=list)
-
-
-def gpu_engines(
-    entry: ModelEntry, engine: str = "auto", providers: list[str] | None = None, device: int | None = None
-) -> set[str]:
-    """The engines that would run ``entry`` on a GPU here: ONNX Runtime with its CUDA provider, and torch
-    when it sees a CUDA GPU (checked only when the entry allows torch, and without importing it on machines
-    with no NVIDIA driver)."""
-    from zoo.runner import default_providers, torch_device
-
-    out = set()
-    if engine in ("auto", "onnxruntime") and "CUDAExecutionProvider" in (providers or default_providers()):
-        out.add("onnxruntime")
-    allows_torch = any("torch" in spec.engines for spec in entry.precisions.values())
-    if engine in ("auto", "torch") and allows_torch:
-        try:  # torch_device looks for an NVIDIA driver before importing torch
-            if torch_device(device) != "cpu":
-                out.add("torch")
-        except ImportError:
-            pass
-    return out
-
-
 def select_engine(
-    entry: ModelEntry,
-    registry: Registry,
-    engine: str = "auto",
-    precision: str = "auto",
-    gpu: set[str] | None = None,
+    entry: ModelEntry, registry: Registry, engine: str = "auto", precision: str = "auto", gpu: set[str] | None = None
 ) -> EngineChoice:
-    """The (engine, precision) to run ``entry`` with.
-
-    ``auto`` takes, among the combinations the entry allows and this machine runs, the fastest that passes
-    its check: on a GPU (``gpu``: the engines that run on one here, see :func:`gpu_engines`) in
-    ``GPU_PREFERENCE`` order among those engines, else in ``CPU_PREFERENCE`` order. An explicit engine or
-    precision that the entry does not allow, the machine cannot run, or that fails its check is an error.
+    """:func:`zoo.engines.select.select` with :func:`check_precision` as the check: the fastest allowed
+    (engine, precision) that passes its bundled test here (or the requested one, which must pass).
 
     Raises:
         ProviderError: no allowed combination can run, or an explicit one fails.
     """
-    allowed = [(e, p) for p, spec in entry.precisions.items() for e in spec.engines]
-    wanted = [(e, p) for e, p in allowed if engine in ("auto", e) and precision in ("auto", p)]
-    if not wanted:
-        offer = ", ".join(f"{p} on {e}" for e, p in allowed)
-        raise ProviderError(
-            f"{entry.id}: --engine {engine} --precision {precision} is not allowed by its registry entry "
-            f"(allowed: {offer}); pick one of those or auto"
-        )
-    on_gpu = [ep for ep in wanted if ep[0] in (gpu or set())]
-    order = GPU_PREFERENCE if on_gpu else CPU_PREFERENCE
-    wanted.sort(key=lambda ep: order.index(ep) if ep in order else len(order))
-    considered = []
-    for e, p in wanted:
-        if on_gpu and (e, p) not in on_gpu:
-            considered.append({"engine": e, "precision": p, "skipped": "a GPU is used: the engines that run on it"})
-            continue
-        res = check_precision(entry, registry, e, p)
-        considered.append(res)
-        if res["ok"]:
-            why = "requested" if engine != "auto" and precision != "auto" else "fastest allowed here that passes"
-            return EngineChoice(e, p, f"{why}; {res.get('detail', '')}".strip("; "), considered)
-    explain = "; ".join(
-        f"{c['precision']} on {c['engine']}: {c.get('skipped') or c.get('detail') or c.get('error')}"
-        for c in considered
-    )
-    raise ProviderError(f"{entry.id}: no allowed engine/precision can run here ({explain}); try --engine auto")
+    return select(entry, lambda e, p: check_precision(entry, registry, e, p), engine, precision, gpu)
 
 
 def _load_test_array(entry: ModelEntry, registry: Registry, name: str) -> Any:
@@ -250,7 +178,7 @@ def write_test_io(entry: ModelEntry, registry: Registry, slide_path: str, input_
     """
     from PIL import Image
 
-    from zoo.runner import OnnxModel
+    from zoo.engines.model import OnnxModel
     from zoo.slide import choose_level, model_dimensions, open_slide, read_scaled, thumbnail
 
     model = OnnxModel(verified_weights(entry, registry), entry, providers=["CPUExecutionProvider"])
@@ -264,7 +192,7 @@ def write_test_io(entry: ModelEntry, registry: Registry, slide_path: str, input_
             w, h = model_dimensions(slide, choice)
             tile = read_scaled(slide, choice, max(0, (w - pw) // 2), max(0, (h - ph) // 2), pw, ph)
     x = model.preprocess(tile[None])
-    y = model.session.run([entry.output.output_name], {entry.input.input_name: x})[0]
+    y = model.raw(x)
     np.save(input_path, x)
     np.save(expected_path, y)
     return float((y >= entry.output.threshold).mean())

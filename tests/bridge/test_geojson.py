@@ -96,8 +96,9 @@ def test_rasterise_real_export_matches_geometry_area() -> None:
 
 def test_round_trip_on_real_model_output(cmu_slide: Path, tmp_path: Path) -> None:
     """mask -> GeoJSON -> mask on the bundled model's real prediction, holes included."""
+    from zoo.engines.model import OnnxModel
     from zoo.registry import load_registry, verified_weights
-    from zoo.runner import OnnxModel, RunOptions, predict_slide
+    from zoo.runner import RunOptions, predict_slide
     from zoo.slide import open_slide
 
     reg = load_registry()

@@ -68,8 +68,8 @@ def test_bioimageio_export_registered_back_gives_the_same_mask(tmp_path: Path, c
 
 
 def test_wsinfer_export_registered_back_gives_the_same_probabilities(tmp_path: Path, cmu_slide: Path) -> None:
+    from zoo.engines.model import OnnxModel
     from zoo.registry import verified_weights
-    from zoo.runner import OnnxModel
     from zoo.slide import choose_level, open_slide, read_scaled
 
     exported = run_zoo("export", "wsinfer", "tumour-tiles", "--out", str(tmp_path / "ws"))

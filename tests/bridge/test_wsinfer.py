@@ -56,7 +56,7 @@ def test_there_is_something_to_export() -> None:
 def test_export_passes_wsinfers_validator_and_runs_as_qupath_runs_it(
     model: str, tmp_path: Path, cmu_slide: Path
 ) -> None:
-    from zoo.runner import OnnxModel
+    from zoo.engines.model import OnnxModel
     from zoo.slide import choose_level, open_slide, read_scaled
 
     entry = REG.get(model)

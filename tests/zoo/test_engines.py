@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_zoo
+from zoo.engines.common import cpu_flags
+from zoo.engines.select import engine_unavailable
 from zoo.errors import ProviderError, RegistryError
 from zoo.registry import load_registry
-from zoo.runner import cpu_flags, engine_unavailable
 from zoo.verify import check_precision, select_engine
 
 OPENVINO = engine_unavailable("openvino")
@@ -117,7 +118,7 @@ def test_bf16_mask_agrees_with_fp32_on_a_real_slide(tcga_slide: Path, tmp_path: 
 
 @pytest.mark.skipif(TORCH is not None, reason=str(TORCH))
 def test_torch_engine_runs_every_registered_network_like_onnxruntime() -> None:
-    """The ONNX graphs run by torch ops (zoo.onnx_torch) reproduce ONNX Runtime on every bundled test."""
+    """The ONNX graphs run by torch ops (zoo.engines.torch_graph) reproduce ONNX Runtime on every bundled test."""
     reg = load_registry()
     for entry in reg.models:
         for _, view in entry.networks():
@@ -132,8 +133,8 @@ def test_torch_engine_refuses_an_op_it_does_not_run(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
+    from zoo.engines.torch_graph import load_graph
     from zoo.errors import ModelInputError
-    from zoo.onnx_torch import load_graph
 
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 4])
     y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])
@@ -148,8 +149,9 @@ def test_torch_engine_refuses_an_op_it_does_not_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("readers", [1, 3])
 def test_torch_engine_and_reader_threads_give_the_onnxruntime_mask(readers: int, cmu_slide: Path) -> None:
     """Several reader threads decode in parallel, but batches are blended in order: the same mask."""
+    from zoo.engines.model import OnnxModel
     from zoo.registry import verified_weights
-    from zoo.runner import OnnxModel, RunOptions, predict_slide
+    from zoo.runner import RunOptions, predict_slide
     from zoo.slide import open_slide
 
     reg = load_registry()
@@ -170,8 +172,8 @@ def test_torch_engine_and_reader_threads_give_the_onnxruntime_mask(readers: int,
 @pytest.mark.parametrize("n_tiles", [1, 3, 8, 11], ids=["one", "padded", "exact", "split"])
 def test_openvino_takes_uint8_tiles_and_any_batch_like_onnxruntime(n_tiles: int) -> None:
     """OpenVINO: static batch of 4 (shorter padded, longer split), uint8 tiles normalised inside the engine."""
+    from zoo.engines.model import OnnxModel
     from zoo.registry import verified_weights
-    from zoo.runner import OnnxModel
 
     reg = load_registry()
     entry = reg.get("tissue-multires")

@@ -15,9 +15,10 @@ from onnx import TensorProto, helper
 from pydantic import ValidationError
 
 from tests.conftest import run_zoo
+from zoo.engines.model import OnnxModel
 from zoo.kinds.patch_classification import classify_tiles, grey_entropy_bits
 from zoo.registry import ModelEntry, load_registry, sha256_file
-from zoo.runner import OnnxModel, RunOptions
+from zoo.runner import RunOptions
 from zoo.slide import open_slide
 
 

@@ -1,4 +1,4 @@
-"""zoo.onnx_rewrite: the exported GroupNorm pattern rewritten channels-last, same arithmetic (issue #15)."""
+"""zoo.engines.openvino_rewrite: the exported GroupNorm pattern rewritten channels-last, same arithmetic (issue #15)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from zoo.onnx_rewrite import group_norm_channels_last
+from zoo.engines.openvino_rewrite import group_norm_channels_last
 from zoo.registry import load_registry, verified_weights
 
 

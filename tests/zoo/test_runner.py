@@ -8,8 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from zoo.engines.model import OnnxModel
 from zoo.registry import load_registry, verified_weights
-from zoo.runner import OnnxModel, RunOptions, labels_from_probabilities, plan_tiles, predict_slide
+from zoo.runner import RunOptions, labels_from_probabilities, plan_tiles, predict_slide
 from zoo.slide import model_dimensions, open_slide, read_scaled
 
 PROVIDERS = [
@@ -208,8 +209,8 @@ def test_verify_fails_on_a_nan_network(tmp_path: Path) -> None:
 
 
 def test_finite_probabilities_pass_the_check() -> None:
+    from zoo.engines.model import to_probabilities
     from zoo.registry import load_registry
-    from zoo.runner import to_probabilities
 
     entry = load_registry().get("tissue-multires")
     y = to_probabilities(np.full((2, 1, 4, 4), 1.0000004, np.float32), entry)  # rounding above 1 is tolerated

@@ -20,8 +20,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from zoo.engines.model import OnnxModel
     from zoo.registry import ModelEntry
-    from zoo.runner import OnnxModel, Prediction, RunOptions
+    from zoo.runner import Prediction, RunOptions
     from zoo.slide import Slide
 
 KIND_MODULES = {

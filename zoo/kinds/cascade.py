@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from zoo.engines.model import OnnxModel
 from zoo.kinds.patch_classification import classify_tiles
 from zoo.labelmask import LabelMask
 from zoo.registry import ModelEntry
-from zoo.runner import OnnxModel, Prediction, RunOptions, class_probability_rows, labels_from_probabilities
+from zoo.runner import Prediction, RunOptions, class_probability_rows, labels_from_probabilities
 from zoo.slide import Slide, thumbnail
 
 

@@ -8,8 +8,9 @@ probabilities of overlapping tiles exactly as for ``segmentation`` (:func:`zoo.r
 
 from __future__ import annotations
 
+from zoo.engines.model import OnnxModel
 from zoo.registry import ModelEntry
-from zoo.runner import OnnxModel, Prediction, RunOptions, run_tiled
+from zoo.runner import Prediction, RunOptions, run_tiled
 from zoo.slide import Slide
 
 

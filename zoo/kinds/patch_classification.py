@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from zoo.engines.model import OnnxModel
 from zoo.errors import raise_if_signalled
 from zoo.labelmask import LabelMask
 from zoo.registry import ModelEntry
 from zoo.runner import (
-    OnnxModel,
     Prediction,
     RunOptions,
     _progress,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from zoo.engines.model import OnnxModel
 from zoo.registry import ModelEntry
-from zoo.runner import OnnxModel, Prediction, RunOptions, predict_slide
+from zoo.runner import Prediction, RunOptions, predict_slide
 from zoo.slide import Slide
 
 

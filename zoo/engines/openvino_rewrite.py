@@ -1,7 +1,7 @@
-"""Rewrites of a pinned ONNX graph that keep its arithmetic but suit an engine better (runner layer).
+"""Rewrites of a pinned ONNX graph that keep its arithmetic but suit an engine better (engines layer).
 
-Used by :mod:`zoo.runner` on the in-memory copy of a model it hands to OpenVINO; the file on disk, pinned
-by sha256, is never changed, and ``zoo verify`` checks the rewritten network against the bundled fp32
+Used by :mod:`zoo.engines.openvino_engine` on the in-memory copy of a model it hands to OpenVINO; the file
+on disk, pinned by sha256, is never changed, and ``zoo verify`` checks the rewritten network against the bundled fp32
 output like any other engine and precision.
 
 :func:`group_norm_channels_last`: ``torch.onnx.export`` writes ``GroupNorm(G, C)`` as::

@@ -1,6 +1,6 @@
 """Run a pinned ONNX graph with torch operators: the runner's ``torch`` engine (CUDA GPUs, or the CPU).
 
-Part of the runner layer (imported by :mod:`zoo.runner` only, when ``--engine torch`` is asked for).
+Imported by :mod:`zoo.engines.torch_engine` only, when ``--engine torch`` is asked for.
 The weights are the ONNX file's own initializers, so the torch engine runs exactly the file the registry
 pins by sha256, and ``zoo verify`` checks it against ONNX Runtime on the model's bundled test like every
 other engine.
