@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,65 +247,89 @@ def plan_tiles(slide: Slide, entry: ModelEntry, opts: RunOptions) -> TilePlan:
     return TilePlan(choice, width, height, (sx, sy), xs, ys, jobs, time.perf_counter() - t0, pre_fraction)
 
 
-def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
-    """Overlapping-tile inference with overlap averaging; see the module docstring."""
-    entry = model.entry
-    t0 = time.perf_counter()
-    plan = plan_tiles(slide, entry, opts)
-    choice, width, height, xs, ys, jobs = plan.choice, plan.width_px, plan.height_px, plan.xs, plan.ys, plan.jobs
-    pw, ph = entry.input.patch_size_px
-    n_cls = entry.output.channels
+class BlendBand:
+    """The band one tile high that slides down the slide: tile probabilities are summed where tiles overlap,
+    and rows that no later tile touches are averaged, thresholded and written into the label mask and the
+    per-class probability rasters (glass never inferred is 0; tiles ``--on-bad-tile skip`` masked are unknown).
+    """
 
-    mask = LabelMask(height, width, opts.scratch_dir)
-    heatmaps = {c.index: LabelMask(height, width, opts.scratch_dir, counted=False) for c in entry.foreground}
-    prob_sums = dict.fromkeys(heatmaps, 0.0)
-    acc = np.zeros((n_cls, ph, width + pw), np.float32)  # band: rows [band_y, band_y + ph)
-    cnt = np.zeros((ph, width + pw), np.float32)
-    band_y = 0
+    def __init__(self, slide: Slide, entry: ModelEntry, choice: LevelChoice, width: int, height: int,
+                 scratch_dir: Path | None) -> None:  # fmt: skip
+        self.slide, self.entry, self.choice = slide, entry, choice
+        self.width, self.height = width, height
+        self.pw, self.ph = entry.input.patch_size_px
+        self.mask = LabelMask(height, width, scratch_dir)
+        self.heatmaps = {c.index: LabelMask(height, width, scratch_dir, counted=False) for c in entry.foreground}
+        self.prob_sums = dict.fromkeys(self.heatmaps, 0.0)
+        self.acc = np.zeros((entry.output.channels, self.ph, width + self.pw), np.float32)  # rows [y, y + ph)
+        self.cnt = np.zeros((self.ph, width + self.pw), np.float32)
+        self.y = 0
+        self.blend_s = self.flush_s = 0.0
 
-    def flush(until_y: int) -> None:
-        """Finalise mask rows [band_y, until_y) and slide the band down (at most one band per step)."""
-        nonlocal band_y
-        until_y = min(until_y, height)
-        while band_y < until_y:
-            n = min(until_y - band_y, ph)
-            c = cnt[:n, :width]
-            prob = acc[:, :n, :width] / np.maximum(c, 1e-6)
+    def add(self, tx: int, ty: int, prob: np.ndarray) -> None:
+        """Sum one tile's (C, ph, pw) probabilities in at (tx, ty) model pixels (tiles come row by row)."""
+        if ty > self.y:
+            self.flush(ty)
+        t = time.perf_counter()
+        r = ty - self.y
+        self.acc[:, r : r + self.ph, tx : tx + self.pw] += prob
+        self.cnt[r : r + self.ph, tx : tx + self.pw] += 1
+        self.blend_s += time.perf_counter() - t
+
+    def flush(self, until_y: int) -> None:
+        """Finalise mask rows [y, until_y) and slide the band down (at most one band per step)."""
+        t = time.perf_counter()
+        entry, ph, width = self.entry, self.ph, self.width
+        until_y = min(until_y, self.height)
+        while self.y < until_y:
+            n = min(until_y - self.y, ph)
+            c = self.cnt[:n, :width]
+            prob = self.acc[:, :n, :width] / np.maximum(c, 1e-6)
             lab = labels_from_probabilities(prob, entry)
             glass = c == 0  # never inferred (background skipped)
             lab[glass] = 0
-            for x0, y0, x1, y1 in _bad_boxes(slide, choice.downsample):  # --on-bad-tile skip: unknown
-                r0, r1 = max(y0, band_y) - band_y, min(y1, band_y + n) - band_y
+            for x0, y0, x1, y1 in _bad_boxes(self.slide, self.choice.downsample):  # --on-bad-tile skip: unknown
+                r0, r1 = max(y0, self.y) - self.y, min(y1, self.y + n) - self.y
                 if r1 > r0:
                     lab[r0:r1, max(0, x0) : max(0, x1)] = UNKNOWN_LABEL
-            mask.write_rows(band_y, lab)
+            self.mask.write_rows(self.y, lab)
             for idx, rows in class_probability_rows(prob, entry).items():
                 rows[glass] = 0
-                heatmaps[idx].write_rows(band_y, rows)
-                prob_sums[idx] += float(rows[lab == idx].sum(dtype=np.int64))
-            acc[:, : ph - n] = acc[:, n:].copy()
-            acc[:, ph - n :] = 0
-            cnt[: ph - n] = cnt[n:].copy()
-            cnt[ph - n :] = 0
-            band_y += n
+                self.heatmaps[idx].write_rows(self.y, rows)
+                self.prob_sums[idx] += float(rows[lab == idx].sum(dtype=np.int64))
+            self.acc[:, : ph - n] = self.acc[:, n:].copy()
+            self.acc[:, ph - n :] = 0
+            self.cnt[: ph - n] = self.cnt[n:].copy()
+            self.cnt[ph - n :] = 0
+            self.y += n
+        self.flush_s += time.perf_counter() - t
 
-    contexts = [
-        (
-            c,
-            choose_level(
-                slide, target_mpp=c.target_mpp, slide_mpp=opts.slide_mpp, force_slide_mpp=opts.force_slide_mpp
-            ),
-        )
-        for c in entry.context_inputs
-    ]
-    bs = max(1, opts.batch_size)
-    batches = iter([jobs[k : k + bs] for k in range(0, len(jobs), bs)])
-    n_readers = max(1, opts.reader_threads)
-    ahead = max(1, opts.prefetch_batches) + n_readers - 1
-    split = {"read_decode": 0.0, "resample": 0.0, "normalise": 0.0}
 
-    def read_batch(b: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], Any, tuple[float, float, float]]:
+class TileReader:
+    """Batches of the plan's tiles read, decoded, resampled and normalised on ``reader_threads`` threads,
+    ``prefetch_batches`` ahead, handed out in order (with each context input's centred tile, if any)."""
+
+    def __init__(self, slide: Slide, model: OnnxModel, plan: TilePlan, opts: RunOptions) -> None:
+        entry = model.entry
+        self.slide, self.model, self.plan = slide, model, plan
+        self.contexts = [
+            (c, choose_level(slide, target_mpp=c.target_mpp, slide_mpp=opts.slide_mpp,
+                             force_slide_mpp=opts.force_slide_mpp))
+            for c in entry.context_inputs
+        ]  # fmt: skip
+        bs = max(1, opts.batch_size)
+        self.batches = iter([plan.jobs[k : k + bs] for k in range(0, len(plan.jobs), bs)])
+        n_readers = max(1, opts.reader_threads)
+        self.ahead = max(1, opts.prefetch_batches) + n_readers - 1
+        self.pool = ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="tile-reader")
+        self.pending: deque[Future[Any]] = deque()
+        self.split = {"read_decode": 0.0, "resample": 0.0, "normalise": 0.0}
+        self.wait_s = 0.0
+
+    def read_batch(self, b: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], Any, tuple[float, float, float]]:
         """One batch of tiles as the network's input (on a reader thread), with the seconds of each step."""
+        slide, choice, xs, ys, model = self.slide, self.plan.choice, self.plan.xs, self.plan.ys, self.model
+        pw, ph = model.entry.input.patch_size_px
         t_a = time.perf_counter()
         if region_is_large(choice, pw, ph):  # far coarser than any level: read and reduce in strips
             tiles = np.stack([read_scaled(slide, choice, xs[i], ys[j], pw, ph) for j, i in b])
@@ -316,9 +340,9 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
             tiles = np.stack([box_reduce(r, choice.factor) for r in regions])
             t_c = time.perf_counter()
         x: Any = model.preprocess(tiles)
-        if contexts:  # multi-input models: centred context tiles, one ONNX input each
-            x = {entry.input.input_name: x}
-            for spec, ctx_choice in contexts:
+        if self.contexts:  # multi-input models: centred context tiles, one ONNX input each
+            x = {model.entry.input.input_name: x}
+            for spec, ctx_choice in self.contexts:
                 x[spec.input_name] = model.preprocess(
                     np.stack(
                         [context_tile(slide, choice, ctx_choice, spec, xs[i] + pw / 2, ys[j] + ph / 2) for j, i in b]
@@ -326,81 +350,88 @@ def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
                 )
         return b, x, (t_b - t_a, t_c - t_b, time.perf_counter() - t_c)
 
-    # batches are read ahead on ``n_readers`` threads and consumed in order (the band slides down row by row)
-    pool = ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="tile-reader")
-    pending: deque[Future[Any]] = deque()
-
-    def top_up() -> None:
-        while len(pending) < ahead:
-            b = next(batches, None)
+    def _top_up(self) -> None:
+        while len(self.pending) < self.ahead:
+            b = next(self.batches, None)
             if b is None:
                 return
-            pending.append(pool.submit(read_batch, b))
+            self.pending.append(self.pool.submit(self.read_batch, b))
 
-    infer_s = wait_s = blend_s = flush_s = 0.0
-    bar = _progress(len(jobs), opts.progress_label or slide.path.name, opts.progress)
-    try:
-        top_up()
-        while pending:
+    def __iter__(self) -> Iterator[tuple[list[tuple[int, int]], Any]]:
+        """(tile indices (row, column), network input) per batch, in order."""
+        self._top_up()
+        while self.pending:
             tw = time.perf_counter()
-            b, batch_in, (t_read, t_resample, t_norm) = pending.popleft().result()
-            wait_s += time.perf_counter() - tw
-            split["read_decode"] += t_read
-            split["resample"] += t_resample
-            split["normalise"] += t_norm
-            top_up()
+            b, batch_in, times = self.pending.popleft().result()
+            self.wait_s += time.perf_counter() - tw
+            for key, t in zip(self.split, times, strict=True):
+                self.split[key] += t
+            self._top_up()
+            yield b, batch_in
+
+    def close(self) -> None:
+        """Cancel what has not been read and stop the threads."""
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_tiled(slide: Slide, model: OnnxModel, opts: RunOptions) -> Prediction:
+    """Overlapping-tile inference with overlap averaging; see the module docstring."""
+    t0 = time.perf_counter()
+    plan = plan_tiles(slide, model.entry, opts)
+    choice, xs, ys = plan.choice, plan.xs, plan.ys
+    band = BlendBand(slide, model.entry, choice, plan.width_px, plan.height_px, opts.scratch_dir)
+    reader = TileReader(slide, model, plan, opts)
+    infer_s = 0.0
+    bar = _progress(len(plan.jobs), opts.progress_label or slide.path.name, opts.progress)
+    try:
+        for b, batch_in in reader:
             ti = time.perf_counter()
             ds = choice.downsample
             probs = predict_tiles(model, batch_in, [(round(xs[i] * ds), round(ys[j] * ds)) for j, i in b])
             infer_s += time.perf_counter() - ti
             for (j, i), prob in zip(b, probs):
-                ty, tx = ys[j], xs[i]
-                if ty > band_y:
-                    tf = time.perf_counter()
-                    flush(ty)
-                    flush_s += time.perf_counter() - tf
-                tb = time.perf_counter()
-                r = ty - band_y
-                acc[:, r : r + ph, tx : tx + pw] += prob
-                cnt[r : r + ph, tx : tx + pw] += 1
-                blend_s += time.perf_counter() - tb
+                band.add(xs[i], ys[j], prob)
             bar.update(len(b))
             raise_if_signalled()
-        tf = time.perf_counter()
-        flush(height)
-        flush_s += time.perf_counter() - tf
+        band.flush(plan.height_px)
     finally:
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
         bar.close()
-    read_s = sum(split.values())
-    elapsed = time.perf_counter() - t0
-    stats = {
-        "tiles_total": len(xs) * len(ys),
-        "tiles_run": len(jobs),
+    stats = tiled_stats(plan, model, reader, band, infer_s, time.perf_counter() - t0)
+    stats["bad_tiles"] = list(slide.bad_tiles)
+    return Prediction(band.mask, choice.downsample, choice.mpp, choice, stats, band.heatmaps, band.prob_sums)
+
+
+def tiled_stats(
+    plan: TilePlan, model: OnnxModel, reader: TileReader, band: BlendBand, infer_s: float, elapsed_s: float
+) -> dict[str, Any]:
+    """Tile counts and where the time went (the reader threads' parts, summed over threads, overlap the rest)."""
+    pw, ph = model.entry.input.patch_size_px
+    split = reader.split
+    return {
+        "tiles_total": len(plan.xs) * len(plan.ys),
+        "tiles_run": len(plan.jobs),
         "tile_px": [pw, ph],
         "stride_px": list(plan.stride_px),
-        "model_dimensions_px": [width, height],
-        "seconds_total": round(elapsed, 3),
+        "model_dimensions_px": [plan.width_px, plan.height_px],
+        "seconds_total": round(elapsed_s, 3),
         "seconds_premask": round(plan.premask_s, 3),
         "premask_tissue_fraction": None if plan.premask_fraction is None else round(plan.premask_fraction, 5),
-        "seconds_read_in_thread": round(read_s, 3),
+        "seconds_read_in_thread": round(sum(split.values()), 3),
         "seconds_inference": round(infer_s, 3),
-        # where the time goes: the reader threads' parts (summed over threads) overlap the consumer's
         "seconds_breakdown": {
             "premask": round(plan.premask_s, 3),
             "read_decode (threads)": round(split["read_decode"], 3),
             "resample (threads)": round(split["resample"], 3),
             "normalise (threads)": round(split["normalise"], 3),
             "inference": round(infer_s, 3),
-            "blend": round(blend_s, 3),
-            "threshold_write": round(flush_s, 3),
-            "waiting_for_readers": round(wait_s, 3),
+            "blend": round(band.blend_s, 3),
+            "threshold_write": round(band.flush_s, 3),
+            "waiting_for_readers": round(reader.wait_s, 3),
         },
-        "bad_tiles": list(slide.bad_tiles),
     }
-    return Prediction(mask, choice.downsample, choice.mpp, choice, stats, heatmaps, prob_sums)
 
 
 def context_tile(

@@ -10,7 +10,7 @@
   tiles at other resolutions (seed 002).
 
 Each module has ``predict(slide, entry, models, opts) -> Prediction`` where ``models`` maps stage
-names (``entry.networks()``) to loaded :class:`zoo.runner.OnnxModel` objects. Adding a kind means a
+names (``entry.networks()``) to loaded :class:`zoo.engines.model.OnnxModel` objects. Adding a kind means a
 module here and a value of ``ModelKind`` in :mod:`zoo.registry`.
 """
 
