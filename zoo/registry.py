@@ -110,7 +110,10 @@ class OutputSpec(_Strict):
     activation: Literal["sigmoid", "softmax", "none"]
     layout: Literal["NCHW", "NHWC", "NC"] = Field("NCHW", description="NC: one vector per patch (classifiers)")
     channels: int = Field(1, ge=1)
-    threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is the class (sigmoid)")
+    threshold: float = Field(
+        0.5, gt=0, lt=1,
+        description="probability from which a pixel is the class (sigmoid; softmax over background and one class)",
+    )  # fmt: skip
     already_activated: bool = Field(True, description="the ONNX graph ends with the activation")
 
 

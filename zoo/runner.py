@@ -155,7 +155,9 @@ def class_probability_rows(prob: np.ndarray, entry: ModelEntry) -> dict[int, np.
 
 
 def labels_from_probabilities(prob: np.ndarray, entry: ModelEntry) -> np.ndarray:
-    """(C, H, W) probabilities to (H, W) uint8 class indices of ``entry``'s classes."""
+    """(C, H, W) probabilities to (H, W) uint8 class indices of ``entry``'s classes: a sigmoid class, or the class
+    of a softmax over background and one class, where its probability reaches ``output.threshold``; the argmax
+    of a softmax over more classes."""
     out = entry.output
     if out.activation == "sigmoid" and prob.shape[0] == 1:
         fg = entry.foreground[0].index
@@ -166,6 +168,8 @@ def labels_from_probabilities(prob: np.ndarray, entry: ModelEntry) -> np.ndarray
         best = prob.argmax(axis=0)
         return np.where(prob.max(axis=0) >= out.threshold, fg_idx[best], 0).astype(np.uint8)
     idx = np.array([c.index for c in sorted(entry.classes, key=lambda c: c.index)], np.uint8)
+    if prob.shape[0] == 2:  # background and one class: the class where its probability reaches the threshold
+        return np.where(prob[1] >= out.threshold, idx[1], idx[0]).astype(np.uint8)
     return idx[prob.argmax(axis=0)]
 
 

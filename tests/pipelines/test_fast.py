@@ -31,10 +31,10 @@ MIN_DICE_KIND = {"patch-classification": 0.5, "cascade": 0.65}
 MIN_DICE_MULTICLASS = 0.65
 
 
-def _read_fast_output(path: Path) -> np.ndarray:
-    if path.suffix == ".mhd":  # heatmap (float, tumour probability) or label image
+def _read_fast_output(path: Path, threshold: float = 0.5) -> np.ndarray:
+    if path.suffix == ".mhd":  # heatmap (float, tumour probability: the entry's threshold applies) or label image
         a = read_metaimage(path)
-        return (a >= 0.5).astype(np.uint8) if a.dtype.kind == "f" else a.astype(np.uint8)
+        return (a >= threshold).astype(np.uint8) if a.dtype.kind == "f" else a.astype(np.uint8)
     if path.suffix in (".tif", ".tiff"):
         with tifffile.TiffFile(path) as tf:
             a = tf.pages[0].asarray()
@@ -60,7 +60,7 @@ def test_pipeline_runs_in_fast_and_agrees_with_runner(model: str, cmu_slide: Pat
     fast_out = tmp_path / f"fast{suffix}"
     seconds = run_fast_pipeline(fpl, {"wsi": str(cmu_slide), "output": str(fast_out)})
     assert fast_out.exists(), f"FAST wrote no output in {seconds:.1f} s"
-    fast_mask = _read_fast_output(fast_out)
+    fast_mask = _read_fast_output(fast_out, entry.output.threshold)
 
     r = run_zoo("run", entry.id, str(cmu_slide), "--out", str(tmp_path / "z"), "--format", "tiff", "--no-progress")
     assert r.returncode == 0, r.stderr

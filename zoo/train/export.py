@@ -9,6 +9,23 @@ import torch
 from torch import nn
 
 
+def _fix_output_dims(path: Path, shape: tuple[int, ...], dynamic: set[int]) -> None:
+    """Declare the output's fixed axes (every axis not in ``dynamic``) with their sizes from a traced run: the
+    tracer leaves axes made by reshapes symbolic (a test-time-augmentation average, say), and the registry,
+    WSInfer and bioimage.io read the class count from the graph."""
+    import onnx
+
+    model = onnx.load_model(str(path))
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    changed = False
+    for axis, d in enumerate(dims):
+        if axis not in dynamic and not d.HasField("dim_value"):
+            d.dim_value = int(shape[axis])
+            changed = True
+    if changed:
+        onnx.save_model(model, str(path))
+
+
 def export_onnx(
     model: nn.Module,
     chw: tuple[int, int, int] | list[tuple[int, int, int]],
@@ -49,6 +66,7 @@ def export_onnx(
     )
     with torch.no_grad():
         ref = model(*xs).numpy()
+    _fix_output_dims(tmp, ref.shape, set(axes))
     sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: x.numpy() for n, x in zip(names, xs, strict=True)})[0]
     err = float(np.abs(ref - got).max())

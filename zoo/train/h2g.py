@@ -322,14 +322,18 @@ def export(state_dir: Path, out_dir: Path, tol: float = 1e-4) -> dict[str, float
     }  # fmt: skip
 
 
-def export_patches(state_dir: Path, out_dir: Path, temperature: float = 1.0) -> dict[str, float]:
-    """``patches.onnx`` (the softmax at ``temperature`` inside the graph) from ``patches.pt``."""
+def export_patches(
+    state_dir: Path, out_dir: Path, temperature: float = 1.0, tta: bool | str = False
+) -> dict[str, float]:
+    """``patches.onnx`` (the softmax at ``temperature``, averaged over the ``tta`` views of
+    :data:`zoo.train.pcam_recipe.VIEWS`, inside the graph) from ``patches.pt``."""
     from zoo.train.export import export_onnx
     from zoo.train.pcam_recipe import DihedralTTA
 
     net = PatchClassifier()
     net.load_state_dict(torch.load(state_dir / "patches.pt", map_location="cpu"))
-    model: nn.Module = DihedralTTA(net, temperature, tta=False) if temperature != 1.0 else net
+    with_views = tta not in (False, "none")
+    model: nn.Module = DihedralTTA(net, temperature, tta=tta) if temperature != 1.0 or with_views else net
     return {"patches": export_onnx(model.eval(), (3, 96, 96), out_dir / "patches.onnx", "image", "probabilities")}
 
 
@@ -356,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--state", type=Path, required=True, help="folder with patches.pt")
     x.add_argument("--out", type=Path, required=True, help="folder for patches.onnx")
     x.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (train.json)")
+    x.add_argument(
+        "--tta", nargs="?", const="dihedral", default="none", choices=["none", "rotations", "dihedral"],
+        help="average these dihedral views inside the graph (train.json's chosen_views); --tta alone: all 8",
+    )  # fmt: skip
+    v = sub.add_parser("evaluate", help="re-run the evaluation of a trained patches.pt into its train.json")
+    v.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    v.add_argument("--state", type=Path, required=True, help="folder with patches.pt and train.json")
     e = sub.add_parser("export", help="export the two ONNX files")
     e.add_argument("--state", type=Path, required=True, help="folder with patches.pt and refine.pt")
     e.add_argument("--out", type=Path, required=True, help="folder for patches.onnx and refine.onnx")
@@ -370,8 +381,14 @@ def main(argv: list[str] | None = None) -> int:
             PatchClassifier(), a.zip, a.out, "patches.pt", a.epochs, a.batch, a.lr, a.seed, patience=a.patience
         )
         print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
+    elif a.cmd == "evaluate":
+        from zoo.train.pcam_recipe import reevaluate
+
+        clf = PatchClassifier()
+        clf.load_state_dict(torch.load(a.state / "patches.pt", map_location="cpu"))
+        print(json.dumps(reevaluate(clf, a.zip, a.state)["chosen_views"]))
     elif a.cmd == "export-patches":
-        print(json.dumps(export_patches(a.state, a.out, a.temperature)))
+        print(json.dumps(export_patches(a.state, a.out, a.temperature, a.tta)))
     else:
         print(json.dumps(export(a.state, a.out)))
     return 0

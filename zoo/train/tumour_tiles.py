@@ -169,13 +169,15 @@ def train_full(
 
 
 def export(
-    state_dir: Path, out_dir: Path, tta: bool = False, temperature: float = 1.0, net_name: str = "cnn"
+    state_dir: Path, out_dir: Path, tta: bool | str = False, temperature: float = 1.0, net_name: str = "cnn"
 ) -> dict[str, float]:
+    """``tumour-tiles.onnx`` from ``tiles.pt``: the softmax at ``temperature``, averaged over the ``tta`` views
+    (:data:`zoo.train.pcam_recipe.VIEWS`), inside the graph."""
     from zoo.train.export import export_onnx
 
     net: nn.Module = NETWORKS[net_name]()
     net.load_state_dict(torch.load(state_dir / "tiles.pt", map_location="cpu"))
-    if tta or temperature != 1.0:  # the calibrated softmax (and the 8 views, with tta) inside the graph
+    if tta not in (False, "none") or temperature != 1.0:  # the calibrated softmax (and the views) inside the graph
         from zoo.train.pcam_recipe import DihedralTTA
 
         net = DihedralTTA(net, temperature, tta=tta)
@@ -220,7 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="export tumour-tiles.onnx")
     e.add_argument("--state", type=Path, required=True, help="folder with tiles.pt")
     e.add_argument("--out", type=Path, required=True, help="output folder")
-    e.add_argument("--tta", action="store_true", help="average the 8 dihedral views inside the graph (1.1)")
+    e.add_argument(
+        "--tta", nargs="?", const="dihedral", default="none", choices=["none", "rotations", "dihedral"],
+        help="average these dihedral views inside the graph (train.json's chosen_views); --tta alone: all 8",
+    )  # fmt: skip
+    v = sub.add_parser("evaluate", help="re-run the evaluation of a trained tiles.pt into its train.json")
+    v.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    v.add_argument("--state", type=Path, required=True, help="folder with tiles.pt and train.json")
+    v.add_argument("--net", choices=sorted(NETWORKS), default="cnn", help="the network tiles.pt holds")
     e.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (train.json, 1.1)")
     e.add_argument("--net", choices=sorted(NETWORKS), default="cnn", help="the network tiles.pt holds")
     e.add_argument(
@@ -233,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "train-full":
         s = train_full(a.zip, a.out, a.epochs, a.batch, a.lr, a.seed, patience=a.patience, net=a.net)
         print(json.dumps({k: s[k] for k in ("device", "parameters", "seconds")}))
+    elif a.cmd == "evaluate":
+        from zoo.train.pcam_recipe import reevaluate
+
+        net = NETWORKS[a.net]()
+        net.load_state_dict(torch.load(a.state / "tiles.pt", map_location="cpu"))
+        print(json.dumps(reevaluate(net, a.zip, a.state)["chosen_views"]))
     elif a.cmd == "rails":
         print(json.dumps(learn_rails(a.zip)))
     else:
