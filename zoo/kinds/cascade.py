@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -43,11 +44,18 @@ def _class_planes(prob: np.ndarray, entry: ModelEntry) -> dict[str, np.ndarray]:
 
 
 def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts: RunOptions) -> Prediction:
+    """Stage 1 tile by tile, then each later stage on whole-slide inputs (the slide's low-resolution image is
+    read on a side thread while stage 1 runs)."""
     t0 = time.perf_counter()
-    grid = classify_tiles(slide, entry, models[entry.stage_name], opts)
+    low_side = max((max(st.input.patch_size_px) * 2 for st in entry.stages
+                    if any(src.source == "slide" for src in st.sources)), default=0)  # fmt: skip
+    with ThreadPoolExecutor(1, thread_name_prefix="cascade-thumbnail") as side:
+        low_future = side.submit(thumbnail, slide, low_side) if low_side else None
+        grid = classify_tiles(slide, entry, models[entry.stage_name], opts)
+        low_read = low_future.result() if low_future is not None else None
     planes: dict[str, dict[str, np.ndarray]] = {entry.stage_name: _class_planes(grid.prob, entry)}
     stage_stats: dict[str, Any] = {entry.stage_name: {"seconds": grid.stats["seconds_total"], **grid.stats}}
-    low: np.ndarray | None = None
+    low: np.ndarray | None = low_read[0] if low_read is not None else None
     prob = grid.prob
     views = dict(entry.networks())
     for st in entry.stages:

@@ -9,13 +9,16 @@ them, by seed 001's entropy rails; run.json counts the tiles each removed. Cells
 covers are background with probability 0.
 
 Each row of tiles is read once as one band (only the span between its first and last kept tile),
-so overlapping tiles are not decoded twice. Memory: one band plus the (small) cell grid.
+so overlapping tiles are not decoded twice; rows are read and sifted on a reader thread a few rows ahead
+of the engine. Memory: a few bands plus the (small) cell grid.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,7 +86,7 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
     by_row: dict[int, list[int]] = {}
     for j, i in plan.jobs:
         by_row.setdefault(j, []).append(i)
-    read_s = infer_s = select_s = 0.0
+    read_s = infer_s = select_s = wait_s = 0.0
     n_rails_out = n_run = 0
     entropies: list[float] = []
     bs = max(1, opts.batch_size)
@@ -109,22 +112,42 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
         n_run += len(pending)
         pending.clear()
 
+    def read_row(j: int, cols_i: list[int]) -> tuple[int, list[int], np.ndarray, np.ndarray, float, float]:
+        """One row of tiles, read once as a band, and which of them pass the rails (on the reader thread)."""
+        tr = time.perf_counter()
+        x_lo, x_hi = plan.xs[cols_i[0]], plan.xs[cols_i[-1]] + pw
+        band = read_scaled(slide, plan.choice, x_lo, plan.ys[j], x_hi - x_lo, ph)
+        tiles = np.stack([band[:, plan.xs[i] - x_lo : plan.xs[i] - x_lo + pw] for i in cols_i])
+        ts = time.perf_counter()
+        h = grey_entropy_bits(tiles) if rails is not None else np.zeros(0)
+        return j, cols_i, tiles, h, ts - tr, time.perf_counter() - ts
+
+    rows_todo = iter(sorted(by_row.items()))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader")
+    ahead: deque[Future[Any]] = deque()
+
+    def top_up() -> None:  # rows are read and sifted while the engine classifies the previous ones
+        while len(ahead) < max(2, opts.prefetch_batches):
+            row = next(rows_todo, None)
+            if row is None:
+                return
+            ahead.append(pool.submit(read_row, *row))
+
     bar = _progress(len(plan.jobs), opts.progress_label or slide.path.name, opts.progress)
     try:
-        for j, cols_i in sorted(by_row.items()):
-            tr = time.perf_counter()
-            x_lo, x_hi = plan.xs[cols_i[0]], plan.xs[cols_i[-1]] + pw
-            band = read_scaled(slide, plan.choice, x_lo, plan.ys[j], x_hi - x_lo, ph)
-            tiles = np.stack([band[:, plan.xs[i] - x_lo : plan.xs[i] - x_lo + pw] for i in cols_i])
-            read_s += time.perf_counter() - tr
+        top_up()
+        while ahead:
+            tw = time.perf_counter()
+            j, cols_i, tiles, h, t_read, t_select = ahead.popleft().result()
+            wait_s += time.perf_counter() - tw
+            top_up()
+            read_s += t_read
+            select_s += t_select
             keep = np.ones(len(cols_i), bool)
             if rails is not None:
-                ts = time.perf_counter()
-                h = grey_entropy_bits(tiles)
                 entropies.extend(h.tolist())
                 keep = (h >= rails.min_bits) & (h <= rails.max_bits)
                 n_rails_out += int((~keep).sum())
-                select_s += time.perf_counter() - ts
             for i, t, k in zip(cols_i, tiles, keep, strict=True):
                 if k:
                     pending.append((j, i, t))
@@ -134,6 +157,9 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
             raise_if_signalled()
         run_pending()
     finally:
+        for f in ahead:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     prob = (acc / np.maximum(cnt, 1)).astype(np.float32)
     total = len(plan.xs) * len(plan.ys)
@@ -150,9 +176,10 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
         "premask_tissue_fraction": None if plan.premask_fraction is None else round(plan.premask_fraction, 5),
         "seconds_breakdown": {
             "premask": round(plan.premask_s, 3),
-            "read_decode_resample": round(read_s, 3),
-            "entropy_rails": round(select_s, 3),
+            "read_decode_resample (thread)": round(read_s, 3),
+            "entropy_rails (thread)": round(select_s, 3),
             "inference": round(infer_s, 3),
+            "waiting_for_reader": round(wait_s, 3),
         },
         "seconds_total": round(time.perf_counter() - t0, 3),
     }
