@@ -12,7 +12,9 @@
    mosaic every Tumor pixel is a false positive; beside it the all-tumour baseline's Dice.
 3. ``zoo run`` on every shared slide (none is a lymph node: tumour called there is out-of-domain
    behaviour): Tumor area and its fraction of the tissue that ``tissue-multires`` finds.
-4. ``zoo run`` on held-out *seamless* composites (:mod:`zoo.train.seamless`, woven from the PCam valid
+4. Every engine and precision a patch classifier's entry allows, on all of PCam valid: labels agreeing with
+   ONNX Runtime fp32 at the entry's threshold, the largest probability difference, ms per patch.
+5. ``zoo run`` on held-out *seamless* composites (:mod:`zoo.train.seamless`, woven from the PCam valid
    ``report`` half on real glass, 1024 px at 0.972 um/px, exact masks; never trained on): each model's
    Tumor Dice beside the "everything is tumour" baseline (every true tissue pixel called Tumor), and the
    fraction of tissue called Tumor on tumour-free composites.
@@ -85,6 +87,47 @@ def patch_figures(entries: list[ModelEntry], zip_path: Path, n_boot: int) -> dic
                          "at_0.5": binary_figures(p, y), "ms_per_patch": round(ms, 3)}  # fmt: skip
         out[e.id] = row
         print(e.id, json.dumps(row["report_half"]), flush=True)
+    return out
+
+
+def precision_figures(entries: list[ModelEntry], zip_path: Path) -> dict[str, Any]:
+    """Every (engine, precision) a patch classifier's entry allows, on all 3,000 PCam valid patches: ms per
+    patch (batches of 64), labels agreeing with ONNX Runtime fp32 at the entry's threshold, the largest
+    probability difference, accuracy."""
+    from zoo.engines.model import OnnxModel
+    from zoo.engines.select import engine_unavailable
+    from zoo.registry import verified_weights
+
+    reg = load_registry()
+    valid = read_pcam(zip_path, "valid")
+    images, y = valid.decode(), valid.labels
+    out: dict[str, Any] = {}
+    for e in entries:
+        if e.output.layout != "NC":
+            continue
+        t, ref = e.output.threshold, None
+        pairs = [("onnxruntime", "fp32")] + [(g, p) for p, spec in e.precisions.items() for g in spec.engines
+                                             if (g, p) != ("onnxruntime", "fp32")]  # fmt: skip
+        for engine, precision in pairs:
+            key = f"{e.id} {engine} {precision}"
+            why = engine_unavailable(engine, precision)
+            if why:
+                out[key] = {"skipped": why}
+                continue
+            model = OnnxModel(verified_weights(e, reg), e, ["CPUExecutionProvider"], 2, None, engine, precision, 64)
+            x = model.preprocess(images)
+            model.predict(x[:64])  # warm-up
+            t0 = time.perf_counter()
+            p = np.concatenate([model.predict(x[i : i + 64])[:, 1, 0, 0] for i in range(0, len(x), 64)])
+            ms = 1000 * (time.perf_counter() - t0) / len(x)
+            ref = p if ref is None else ref
+            out[key] = {
+                "ms_per_patch": round(ms, 3),
+                "labels_agreeing_with_onnxruntime_fp32": round(float(((p >= t) == (ref >= t)).mean()), 5),
+                "max_abs_probability_difference": round(float(np.abs(p - ref).max()), 5),
+                "accuracy": round(float(((p >= t) == (y == 1)).mean()), 4),
+            }
+            print(key, json.dumps(out[key]), flush=True)
     return out
 
 
@@ -268,6 +311,14 @@ def markdown(res: dict[str, Any]) -> str:
                     f"{r['all_tumour']['tumour_fraction_of_tissue']} | {r['dice_on_both_mosaics']} | "
                     f"{r['dice_all_tumour_baseline']} |"
                 )
+    if "precisions" in res:
+        lines += ["", "## Engines and precisions on all 3,000 PCam valid patches", "",
+                  "| model, engine, precision | ms/patch | labels as fp32 ONNX Runtime | max abs diff | accuracy |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for key, r in res["precisions"].items():
+            if "skipped" not in r:
+                lines.append(f"| {key} | {r['ms_per_patch']} | {r['labels_agreeing_with_onnxruntime_fp32']} | "
+                             f"{r['max_abs_probability_difference']} | {r['accuracy']} |")  # fmt: skip
     if "seamless" in res:
         sm = res["seamless"]
         lines += ["", f"## Held-out seamless composites ({sm['composites_with_tumour']} with tumour, "
@@ -294,7 +345,8 @@ def main() -> int:
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     ap.add_argument("--mosaic-side", type=int, default=20, help="patches per side of each mosaic")
     ap.add_argument("--seamless", type=int, default=8, help="seamless composites with tumour (half as many without)")
-    ap.add_argument("--parts", nargs="*", default=["pcam", "mosaics", "slides", "seamless"], help="which parts to run")
+    ap.add_argument("--parts", nargs="*", default=["pcam", "precisions", "mosaics", "slides", "seamless"],
+                    help="which parts to run")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/evaluation_real_tissue.json")
     a = ap.parse_args()
     zip_path = SHARED / "pcam/pcam-ai4all-trainval.zip"
@@ -302,6 +354,8 @@ def main() -> int:
     res: dict[str, Any] = {"command": "python benchmarks/evaluate_real_tissue.py " + " ".join(sys.argv[1:])}
     if "pcam" in a.parts:
         res["pcam"] = patch_figures(entries, zip_path, a.bootstrap)
+    if "precisions" in a.parts:
+        res["precisions"] = precision_figures(entries, zip_path)
     with tempfile.TemporaryDirectory(prefix="zoo-eval-") as tmp:
         if "mosaics" in a.parts:
             res["mosaics"] = mosaic_figures(entries, zip_path, Path(tmp), a.mosaic_side)

@@ -53,7 +53,8 @@ def make_big_slide(src: Path, out: Path, n: int = 4, tile: int = 256, mpp: float
             if k == 0:
                 w0, h0 = lw, lh
                 desc = (
-                    f"Aperio Image Library v12.0.0 \r\n{lw}x{lh} ({tile}x{tile}) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp}"
+                    f"Aperio Image Library v12.0.0 \r\n{lw}x{lh} ({tile}x{tile}) JPEG/RGB Q=90"
+                    f"|AppMag = {round(10 / mpp)}|MPP = {mpp}"
                 )
             else:
                 desc = f"Aperio Image Library v12.0.0 \r\n{w0}x{h0} ({tile}x{tile}) -> {lw}x{lh} JPEG/RGB Q=90"

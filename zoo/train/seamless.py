@@ -55,10 +55,15 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def colour_features(pool: torch.Tensor) -> torch.Tensor:
-    """(N, 6) per-patch mean and standard deviation of the optical density of each RGB channel: patches
-    close in this space look stained alike."""
-    od = -torch.log((pool.float() + 1.0) / 256.0)
-    return torch.cat([od.mean(dim=(2, 3)), od.std(dim=(2, 3))], 1)
+    """(N, 8) standardised appearance per patch: mean and standard deviation of the optical density of each
+    RGB channel, the fraction of near-white pixels (fat, lumen) and of dark ones (nuclei). Patches close in
+    this space look alike: the same stain and the same kind of tissue."""
+    x = pool.float()
+    od = -torch.log((x + 1.0) / 256.0)
+    grey = x.mean(1)
+    f = torch.cat([od.mean(dim=(2, 3)), od.std(dim=(2, 3)), (grey > 215).float().mean(dim=(1, 2))[:, None],
+                   (grey < 110).float().mean(dim=(1, 2))[:, None]], 1)  # fmt: skip
+    return (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
 
 
 def neighbourhood(features: torch.Tensor, gen: torch.Generator, k: int) -> torch.Tensor:
@@ -79,7 +84,7 @@ def weave(
     ramp_px: int = 16,
     weights: torch.Tensor | None = None,
     features: torch.Tensor | None = None,
-    neighbours: int = 400,
+    neighbours: int = 64,
 ) -> Texture:
     """A (3, size_px, size_px) texture from pieces of the (N, 3, P, P) uint8 ``pool``.
 
