@@ -56,7 +56,7 @@ class RunOptions:
         level: force a pyramid level instead of ``target_mpp``.
         slide_mpp: level-0 µm/px to assume when the slide has none.
         force_slide_mpp: use ``slide_mpp`` even when the slide states another resolution.
-        batch_size: tiles per ONNX Runtime call.
+        batch_size: tiles per engine call (None: :func:`auto_batch_size` of the model's tile size).
         providers: ONNX Runtime execution providers; None picks CUDA when present, then CPU.
         threads: intra-op threads for the CPU provider (0: one per core).
         skip_background: skip tiles whose footprint has no tissue in the thumbnail pre-mask.
@@ -74,7 +74,7 @@ class RunOptions:
     level: int | None = None
     slide_mpp: float | None = None
     force_slide_mpp: bool = False
-    batch_size: int = 8
+    batch_size: int | None = None
     providers: list[str] | None = None
     threads: int = 0
     skip_background: bool = True
@@ -171,6 +171,17 @@ def labels_from_probabilities(prob: np.ndarray, entry: ModelEntry) -> np.ndarray
     if prob.shape[0] == 2:  # background and one class: the class where its probability reaches the threshold
         return np.where(prob[1] >= out.threshold, idx[1], idx[0]).astype(np.uint8)
     return idx[prob.argmax(axis=0)]
+
+
+#: tiles of this many pixels make one engine call by default (8 tiles of 256 x 256 px)
+BATCH_PIXELS = 8 * 256 * 256
+
+
+def auto_batch_size(entry: ModelEntry) -> int:
+    """Tiles per engine call when none is asked for: as many pixels as 8 tiles of 256 px (57 tiles of 96 px,
+    2 of 512 px), so small patch networks are not starved by per-call overhead and large tiles stay in cache."""
+    w, h = entry.input.patch_size_px
+    return max(1, round(BATCH_PIXELS / (w * h)))
 
 
 def tile_positions(length: int, patch: int, stride: int) -> list[int]:
@@ -321,7 +332,7 @@ class TileReader:
                              force_slide_mpp=opts.force_slide_mpp))
             for c in entry.context_inputs
         ]  # fmt: skip
-        bs = max(1, opts.batch_size)
+        bs = max(1, opts.batch_size or auto_batch_size(model.entry))
         self.batches = iter([plan.jobs[k : k + bs] for k in range(0, len(plan.jobs), bs)])
         n_readers = max(1, opts.reader_threads)
         self.ahead = max(1, opts.prefetch_batches) + n_readers - 1

@@ -313,7 +313,7 @@ def predict(job: Resolved) -> Predicted:
     entry's model kind, and work out the resolution and the area of each class."""
     from zoo.engines.model import OnnxModel
     from zoo.kinds import predict as predict_kind
-    from zoo.runner import background_premask
+    from zoo.runner import auto_batch_size, background_premask
     from zoo.slide import thumbnail
 
     cfg, entry = job.cfg, job.entry
@@ -328,7 +328,8 @@ def predict(job: Resolved) -> Predicted:
         models = {
             name: OnnxModel(
                 job.stage_files[name][0], view, cfg.run.providers, cfg.run.threads, cfg.run.device,
-                job.stage_engines[name].engine, job.stage_engines[name].precision, cfg.run.batch_size,
+                job.stage_engines[name].engine, job.stage_engines[name].precision,
+                cfg.run.batch_size or auto_batch_size(view),
             )
             for name, view in entry.networks()
         }  # fmt: skip

@@ -43,7 +43,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="use --slide-mpp even for slides whose metadata states another resolution",
     )
     p.add_argument("--backend", choices=["auto", "openslide", "tifffile"], default="auto", help="slide reader")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="tiles per ONNX Runtime call")
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="tiles per engine call (default: as many pixels as 8 tiles of 256 px: 57 of 96 px, 2 of 512 px)",
+    )
     p.add_argument(
         "--providers",
         nargs="+",

@@ -32,6 +32,7 @@ from zoo.runner import (
     Prediction,
     RunOptions,
     _progress,
+    auto_batch_size,
     class_probability_rows,
     labels_from_probabilities,
     plan_tiles,
@@ -89,7 +90,7 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
     read_s = infer_s = select_s = wait_s = 0.0
     n_rails_out = n_run = 0
     entropies: list[float] = []
-    bs = max(1, opts.batch_size)
+    bs = max(1, opts.batch_size or auto_batch_size(entry))
     pending: list[tuple[int, int, np.ndarray]] = []
 
     def run_pending() -> None:
