@@ -291,6 +291,7 @@ def family_main(
     f.add_argument("--tile", type=int, default=256, help="training tile size in px (the network is convolutional)")
     f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     f.add_argument("--eval-composites", type=int, default=20, help="held-out composites to report on")
+    f.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of the encoder as a PCam patch classifier")
     f.add_argument("--seed", type=int, default=0, help="random seed")
     e = sub.add_parser("export", help=f"export {model}.onnx")
     e.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt")
@@ -306,7 +307,7 @@ def family_main(
             raise SystemExit(f"{module}: no train-full recipe")
         train_full(
             make_net(), model, context, a.zip, a.glass_slide, a.images, a.out, a.steps, a.hard_steps, a.batch,
-            a.tile, a.seed, a.lr, eval_composites=a.eval_composites,
+            a.tile, a.seed, a.lr, eval_composites=a.eval_composites, pretrain_epochs=a.pretrain_epochs,
         )  # fmt: skip
     else:
         print(json.dumps(export(a.state, a.out)))

@@ -3,6 +3,12 @@
 1.0 learned its composites, not tissue (62% / 29% of tumour-free real lymph-node tissue called Tumor).
 What changes:
 
+* **Encoder first**: the U-Net's encoder (behind CD-UNET's colour deconvolution; the multi-level U-Net's
+  high-resolution branch) is first trained as a patch classifier on the 20,000 PCam train patches with
+  the patch classifiers' recipe (:mod:`zoo.train.pcam_recipe`, global average pooling and a linear layer
+  on its deepest features), so it knows tumour from normal tissue before it learns where the boundaries
+  are. Trained from scratch on composites alone, the multi-level U-Net called no tumour at all (Tumour Dice
+  0.006 on held-out composites, 0.008 on training ones, after 3,200 steps): it settled for the tissue class.
 * **Material**: all 20,000 PCam train patches (10,000 tumour, 10,000 non-tumour) instead of 2,400;
   held-out figures come from PCam ``valid`` (other slides), never trained on.
 * **Seamless composites** (:mod:`zoo.train.seamless`): regions woven from many stain-alike patches of
@@ -99,6 +105,51 @@ def load_pools(
     y = torch.from_numpy(jset.labels).to(dev)
     glass = to_tensor(glass_patches(glass_slide, 300, seed), dev)
     return Pools(x[y == 1], x[y == 0], glass, artefact_tensors(artefact_arrays(images), dev))
+
+
+class EncoderClassifier(nn.Module):
+    """A U-Net's encoder (after ``pre``) with global average pooling and a linear layer: (N, 3, H, W) -> (N, 2)
+    logits, for :func:`pretrain_encoder`. The modules are shared with the segmenter, not copied."""
+
+    def __init__(self, unet: nn.Module, pre: nn.Module) -> None:
+        super().__init__()
+        self.unet, self.pre = unet, pre
+        self.fc = nn.Linear(int(unet.widths[-1]), 2)  # type: ignore[index]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.unet.encode(self.pre(x))[-1].mean(dim=(2, 3)))  # type: ignore[operator]
+
+
+def encoder_of(net: nn.Module) -> EncoderClassifier:
+    """CD-UNET: its colour deconvolution and U-Net; the multi-level U-Net: its high-resolution branch."""
+    if hasattr(net, "high"):
+        return EncoderClassifier(net.high, nn.Identity())  # type: ignore[arg-type]
+    return EncoderClassifier(net.unet, net.cd)  # type: ignore[arg-type]
+
+
+def pretrain_encoder(
+    net: nn.Module, zip_path: Path, epochs: int, seed: int, limit: int | None = None
+) -> dict[str, Any]:
+    """Train ``net``'s encoder as a PCam patch classifier (:func:`zoo.train.pcam_recipe.fit`, balanced batches of
+    128, one-cycle to 2e-3, the best epoch by ``select`` AUC); returns its history."""
+    from zoo.train.common import to_tensor
+    from zoo.train.pcam_recipe import fit as fit_patches
+    from zoo.train.pcam_recipe import pcam_splits
+
+    dev = next(net.parameters()).device
+    sp = pcam_splits(zip_path, seed)
+    train, select = sp.train, sp.select
+    if limit:
+        train = train.subset(np.linspace(0, len(train) - 1, limit).astype(int))
+        select = select.subset(np.linspace(0, len(select) - 1, limit).astype(int))
+    clf = encoder_of(net).to(dev)
+    out = fit_patches(
+        clf, to_tensor(train.decode(), dev), torch.from_numpy(train.labels).to(dev), to_tensor(select.decode(), dev),
+        select.labels, epochs, 128 if not limit else 16, 2e-3, seed, steps_per_epoch=2 if limit else None,
+        on_epoch=lambda r: print(json.dumps({"encoder": r}), flush=True),
+    )  # fmt: skip
+    net.train()
+    return {"epochs": epochs, "best_epoch": out["best_epoch"], "history": out["history"]}
 
 
 def _forward(net: nn.Module, x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
@@ -261,9 +312,11 @@ def train_full(
     eval_composites: int = 20,
     canvas_px: int = 1024,
     limit: int | None = None,
+    pretrain_epochs: int = 8,
 ) -> dict[str, Any]:
-    """Round 1 (``steps``), hard-negative mining, round 2 (``hard_steps``, at half the learning rate), then
-    :func:`evaluate` on ``report``-split composites; saves ``out/<name>.pt`` and ``out/train.json``."""
+    """The encoder as a patch classifier (``pretrain_epochs``), round 1 (``steps``), hard-negative mining, round 2
+    (``hard_steps``, at half the learning rate), then :func:`evaluate` on ``report``-split composites; saves
+    ``out/<name>.pt`` and ``out/train.json``."""
     from zoo.train.common import count_parameters, device, device_name, save_state
 
     dev = device()
@@ -282,7 +335,11 @@ def train_full(
                  "glass": len(train.pools.glass), "glass_slide": glass_slide.name},
         "recipe": __doc__.split("What changes:")[1].split("``train_full``")[0].strip() if __doc__ else "",
     }  # fmt: skip
+    if pretrain_epochs:
+        summary["encoder_pretraining"] = pretrain_encoder(net, zip_path, pretrain_epochs, seed, limit)
     summary["round1"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=show)
+    summary["round1_training_composites"] = evaluate(net, train, 2, tile_px, context, seed + 50)
+    print(json.dumps({"round1_training_composites": summary["round1_training_composites"]}), flush=True)
     if hard_steps > 0:
         mined = 1 if limit else 24
         weights, stats = mine_hard_negatives(net, train, mined, tile_px, context, seed + 1, hard_weight)
