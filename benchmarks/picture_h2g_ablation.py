@@ -1,6 +1,6 @@
 """Draw one held-out composite with its truth, H2G stage 1 alone and stage 1 + refinement.
 
-    python benchmarks/picture_h2g_ablation.py      # -> docs/images/h2g-ablation-composite.jpg
+python benchmarks/picture_h2g_ablation.py      # -> docs/images/h2g-ablation-composite.jpg
 """
 
 from __future__ import annotations

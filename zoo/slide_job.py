@@ -157,6 +157,7 @@ def expected_outputs(cfg: JobConfig, entry: ModelEntry) -> list[str]:
         names += [probability_file(c.name) for c in entry.foreground]
     return names
 
+
 # --------------------------------------------------------------------------- one slide
 
 

@@ -190,3 +190,46 @@ def test_openvino_takes_uint8_tiles_and_any_batch_like_onnxruntime(n_tiles: int)
     np.testing.assert_allclose(ov.predict(ref.preprocess(tiles)), want, rtol=0, atol=1e-4)
     off_grid = ref.preprocess(tiles) + np.float32(0.001)
     np.testing.assert_allclose(ov.predict(off_grid), ref.predict(off_grid), rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(TORCH is not None, reason=str(TORCH))
+@pytest.mark.parametrize(("starts", "ends", "steps"), [([-1], [-(2**31)], [-1]), ([5], [0], [-2]), ([6], [-9], [-3])])
+def test_torch_engine_backward_slices_match_onnxruntime_and_survive_re_export(
+    tmp_path: Path, starts: list[int], ends: list[int], steps: list[int]
+) -> None:
+    """Flips (negative Slice steps, as in rotation TTA) traced to TorchScript and exported again stay exact.
+
+    The first version indexed with a traced ``arange``; ONNX Runtime read that re-export wrongly (WSInfer round trip).
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from zoo.engines.torch_graph import load_graph
+
+    named = ((starts, "s"), (ends, "e"), ([3], "a"), (steps, "t"))
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for v, n in named]
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 2, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    node = helper.make_node("Slice", ["image", "s", "e", "a", "t"], ["out"])
+    graph = helper.make_graph([node], "g", [x], [y], consts)
+    path = tmp_path / "slice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = np.random.default_rng(0).random((3, 2, 8, 8), dtype=np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": data})[0]
+    graph_module = load_graph(str(path), str(path))
+
+    class First(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return graph_module(t)[0]
+
+    module = First()
+    with torch.no_grad():
+        np.testing.assert_array_equal(module(torch.from_numpy(data)).numpy(), want)
+        traced = torch.jit.trace(module, torch.from_numpy(data[:2]))
+        again = tmp_path / "again.onnx"
+        torch.onnx.export(traced, (torch.from_numpy(data[:2]),), str(again), input_names=["image"],
+                          dynamic_axes={"image": {0: "batch"}}, opset_version=17, dynamo=False)  # fmt: skip
+    back = ort.InferenceSession(str(again), providers=["CPUExecutionProvider"]).run(None, {"image": data})[0]
+    np.testing.assert_array_equal(back, want)

@@ -105,7 +105,7 @@ def test_help_shows_each_default_once_and_reads_right() -> None:
     for block in text.split("\n  -")[1:]:
         assert block.count("(default:") <= 1, block
     flat = " ".join(text.split())
-    assert "(default: 8)" in flat and "(default: out)" in flat
+    assert "(default: as many pixels as 8 tiles of 256 px" in flat and "(default: out)" in flat
 
 
 def test_info_is_a_readable_card() -> None:

@@ -258,8 +258,11 @@ def _slice(x: list[Any], a: dict[str, Any]) -> list[Any]:
             continue
         index[ax % data.dim()] = slice(max(s, -n), min(e, n), st)  # ONNX clamps starts and ends
     out = data[tuple(index)]
-    for ax, s0, e0, st in backwards:
-        out = out.index_select(ax, torch.arange(s0, e0, st, device=out.device))
+    for ax, s0, e0, st in backwards:  # flip, then step forwards: traces and re-exports as ONNX's own Slice
+        n = out.shape[ax]
+        back: list[slice] = [slice(None)] * out.dim()
+        back[ax] = slice(n - 1 - s0, n - 1 - e0, -st)
+        out = out.flip(ax)[tuple(back)]
     return [out]
 
 

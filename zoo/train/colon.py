@@ -87,6 +87,7 @@ def read_ebhi(zip_path: Path = ZIP) -> Ebhi:
 
 def case_splits(data: Ebhi, seed: int = 0) -> dict[str, np.ndarray]:
     """Indices of train (70% of cases), select (15%) and report (15%), by a seeded hash of the case id."""
+
     def bucket(case: str) -> float:
         return int(hashlib.sha256(f"{seed}:{case}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 

@@ -105,9 +105,7 @@ def paste_artefact(
         src_rgb[None, :, y0 : y0 + w, x0 : x0 + w].float() / 255.0, size=(side, side), mode="bilinear"
     )[0]
     mask = (
-        F.interpolate(src_mask[None, None, y0 : y0 + w, x0 : x0 + w].float(), size=(side, side), mode="nearest")[
-            0, 0
-        ]
+        F.interpolate(src_mask[None, None, y0 : y0 + w, x0 : x0 + w].float(), size=(side, side), mode="nearest")[0, 0]
         > 0.5
     )
     s = img.shape[-1]

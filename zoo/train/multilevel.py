@@ -86,8 +86,16 @@ def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     return family_main(
-        argv, "zoo.train.multilevel", __doc__ or "", train, export, "multilevel-unet", batch=16, tile_px=256,
-        make_net=MultiLevelUNet, context=CONTEXT_FACTOR,
+        argv,
+        "zoo.train.multilevel",
+        __doc__ or "",
+        train,
+        export,
+        "multilevel-unet",
+        batch=16,
+        tile_px=256,
+        make_net=MultiLevelUNet,
+        context=CONTEXT_FACTOR,
     )
 
 
