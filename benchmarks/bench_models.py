@@ -106,7 +106,10 @@ def fast_run(entry: ModelEntry, slide: Path, work: Path) -> dict[str, Any]:
     if reason or entry.context_inputs:
         return {"skipped": reason or "FAST cannot feed a tile with a centred context tile (multi-input)"}
     fpl = REPO / "pipelines" / f"{entry.name}_export.fpl"
+    text = fpl.read_text(encoding="utf-8")
+    # ImageFileExporter writes what its name's suffix says (a whole-slide model's small mask: PNG)
     suffix = ".mhd" if entry.kind in ("patch-classification", "cascade") else ".tiff"
+    suffix = ".png" if "ImageFileExporter" in text else suffix
     try:
         return run_fast_pipeline_stats(fpl, {"wsi": str(slide), "output": str(work / f"fast-{entry.name}{suffix}")})
     except FplError as err:
@@ -151,17 +154,25 @@ def main() -> int:
     return 0
 
 
+def _fast_cell(fa: dict[str, Any]) -> str:
+    """FAST's seconds, or why there are none."""
+    if "seconds" in fa:
+        return f"{fa['seconds']:.2f}"
+    return str(fa.get("skipped", fa.get("error", "")))
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"`{res['command']}`; load average {res['load_average_before']} -> {res['load_average_after']}", "",
              "| model | slide | engine (auto) | tiles | zoo s (min / median) | tiles/s | outside inference "
-             "| peak RSS MB | fp32 s (min) | labels as fp32 | FAST s | zoo/FAST |", "|---" * 12 + "|"]  # fmt: skip
+             "| peak RSS MB | fp32 s (min) | labels as fp32 | FAST s | zoo s / FAST s |",
+             "|---" * 12 + "|"]  # fmt: skip
     for mid, r in res["models"].items():
         au, fp, fa = r["auto"], r["fp32"], r.get("fast", {})
         lines.append(
             f"| {mid} | {r['slide']} | {au['engine']} | {au['tiles']} | {au['wall_seconds_min']:.2f} / "
             f"{au['wall_seconds_median']:.2f} | {au['tiles_per_second']} | {au['outside_inference_share']:.0%} | "
             f"{au['peak_rss_mb']:.0f} | {fp['wall_seconds_min']:.2f} | {r['label_agreement_auto_vs_fp32']} | "
-            f"{fa.get('seconds', fa.get('skipped', fa.get('error', '')))} | {r.get('zoo_over_fast', '')} |"
+            f"{_fast_cell(fa)} | {r.get('zoo_over_fast', '')} |"
         )
     return "\n".join(lines)
 

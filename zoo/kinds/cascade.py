@@ -87,10 +87,13 @@ def predict(slide: Slide, entry: ModelEntry, models: dict[str, OnnxModel], opts:
         for name, parts in feeds.items():
             x = np.concatenate(parts, 0)[None].astype(np.float32)
             arrays[name] = np.ascontiguousarray(x.transpose(0, 2, 3, 1) if st.input.layout == "NHWC" else x)
+        ti = time.perf_counter()
         prob = model.predict_feeds(arrays)[0]
+        t_inference = time.perf_counter() - ti
         planes[st.name] = _class_planes(prob, views[st.name])
         stage_stats[st.name] = {
             "seconds": round(time.perf_counter() - ts, 3),
+            "seconds_inference": round(t_inference, 3),
             "inputs": {n: list(a.shape) for n, a in arrays.items()},
         }
     # last stage back to the slide's aspect, longest side = its output size
