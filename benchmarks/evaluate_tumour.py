@@ -120,6 +120,9 @@ def seg_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--composites", type=int, default=40, help="held-out composites")
+    ap.add_argument(
+        "--patches", type=Path, default=PATCHES, help="the cascade's stage-1 ONNX (1.1.0: tumour-tiles 1.2.0's)"
+    )
     ap.add_argument("--state", type=Path, default=ROOT / "runs/gpu1", help="training state dicts (optional)")
     ap.add_argument("--write-tests", action="store_true", help="write the bundled test arrays")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/evaluation_tumour.json")
@@ -130,10 +133,11 @@ def main() -> int:
     learned = learn_rails(zip_path)  # as registered (rounded to 4 decimals), so as the runner applies them
     rails = (learned["min_bits"], learned["max_bits"])
     res: dict[str, object] = {
-        "pcam_valid": {"tumour": int((labels == 1).sum()), "non_tumour": int((labels == 0).sum())}
+        "stage1_onnx": str(a.patches.relative_to(ROOT) if a.patches.is_relative_to(ROOT) else a.patches),
+        "pcam_valid": {"tumour": int((labels == 1).sum()), "non_tumour": int((labels == 0).sum())},
     }
 
-    s_tiles, s_patches, s_refine = session(TILES), session(PATCHES), session(REFINE)
+    s_tiles, s_patches, s_refine = session(TILES), session(a.patches), session(REFINE)
     t = time.perf_counter()
     p_tiles = classify(s_tiles, images)
     t_tiles = time.perf_counter() - t

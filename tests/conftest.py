@@ -45,6 +45,18 @@ def tcga_slide() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lymph_node_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2048 px slide of real lymph-node tissue at 0.972 um/px (PCam valid patches woven into tumour and normal
+    regions on real glass; benchmarks/make_lymph_node_slide.py), made once per session (about 6 s)."""
+    shared("pcam", "pcam-ai4all-trainval.zip")
+    shared("slides", "kidney-48-5.tif")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from make_lymph_node_slide import make_lymph_node_slide
+
+    return make_lymph_node_slide(tmp_path_factory.mktemp("lymph-node") / "lymph_node.tiff", px=2048)
+
+
+@pytest.fixture(scope="session")
 def kidney_slide() -> Path:
     return shared("slides", "kidney-48-5.tif")
 

@@ -957,7 +957,8 @@ def test_cascade_later_stage_is_checked_before_any_slide(cmu_slide: Path, tmp_pa
 
     reg = load_registry()
     dst = tmp_path / "reg"
-    shutil.copytree(reg.root / "models" / "tumour-h2g", dst / "models" / "tumour-h2g")
+    for family in ("tumour-h2g", "tumour-tiles"):  # 1.1.0's patch stage is tumour-tiles 1.2.0's file
+        shutil.copytree(reg.root / "models" / family, dst / "models" / family)
     text = (reg.root / "registry.yaml").read_text()
     (dst / "registry.yaml").write_text(text)
     refine = dst / "models/tumour-h2g/1.0.0/refine.onnx"

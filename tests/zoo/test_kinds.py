@@ -201,7 +201,8 @@ def test_verify_checks_every_stage() -> None:
 def test_tampered_stage_weights_fail_before_output(cmu_slide: Path, tmp_path: Path) -> None:
     reg = load_registry()
     dst = tmp_path / "reg"
-    shutil.copytree(reg.root / "models" / "tumour-h2g", dst / "models" / "tumour-h2g")
+    for family in ("tumour-h2g", "tumour-tiles"):  # 1.1.0's patch stage is tumour-tiles 1.2.0's file
+        shutil.copytree(reg.root / "models" / family, dst / "models" / family)
     shutil.copy(reg.root / "registry.yaml", dst / "registry.yaml")
     for m in reg.models:
         if m.name != "tumour-h2g":

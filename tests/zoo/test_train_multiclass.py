@@ -152,3 +152,26 @@ def test_multiclass_recipe_runs_a_few_seeded_steps(tmp_path: Path) -> None:
         ev = saved["evaluation_report_composites"]
         assert 0 <= ev["tumour_called_on_tumour_free_tissue"] <= 1 and ev["composites"] == 2
         assert s["hard_negatives"]["patches_seen"] > 0
+
+
+def test_export_writes_a_bundled_test_from_the_torch_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``export --test-from``: the bundled input is reused, the expected output is torch's, the ONNX matches it."""
+    from tests.conftest import REPO
+    from zoo.train import multilevel
+
+    torch.manual_seed(0)
+    state = tmp_path / "state"
+    state.mkdir()
+    torch.save(MultiLevelUNet().state_dict(), state / "multilevel-unet.pt")
+    src = REPO / "models/multilevel-unet/1.0.0/test_input.npz"
+    out = tmp_path / "out"
+    out.mkdir()
+    assert multilevel.main(["export", "--state", str(state), "--out", str(out), "--test-from", str(src)]) == 0
+    assert json.loads(capsys.readouterr().out)["bundled_test_max_abs_diff_onnx_vs_torch"] < 1e-4
+    with np.load(out / "test_input.npz") as got, np.load(src) as want:
+        assert set(got.files) == {"image", "context"}
+        np.testing.assert_array_equal(got["image"], want["image"])
+    expected = np.load(out / "test_expected.npy")
+    assert expected.shape == (1, 4, 256, 256) and np.allclose(expected.sum(1), 1.0, atol=1e-4)

@@ -294,6 +294,11 @@ def family_main(
     e = sub.add_parser("export", help=f"export {model}.onnx")
     e.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt")
     e.add_argument("--out", type=Path, required=True, help="output folder")
+    e.add_argument(
+        "--test-from", type=Path, default=None,
+        help="a bundled input to reuse (.npy: image; .npz: image and context): writes test_input and test_expected "
+        "(the torch network's output) beside the ONNX",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     if a.cmd == "train":
         s = train(a.pack, a.out, a.steps, a.batch, a.seed)
@@ -308,8 +313,35 @@ def family_main(
             a.tile, a.seed, a.lr, eval_composites=a.eval_composites, pretrain_epochs=a.pretrain_epochs,
         )  # fmt: skip
     else:
-        print(json.dumps(export(a.state, a.out)))
+        res = export(a.state, a.out)
+        if a.test_from is not None:
+            if make_net is None:
+                raise SystemExit(f"{module}: no network to write a bundled test with")
+            res["bundled_test_max_abs_diff_onnx_vs_torch"] = write_bundled_test(
+                make_net(), model, a.state, a.out, a.test_from
+            )
+        print(json.dumps(res))
     return 0
+
+
+def write_bundled_test(net: nn.Module, model: str, state_dir: Path, out_dir: Path, source: Path) -> float:
+    """Copy ``source``'s input arrays to ``out_dir`` as the bundled test, with the torch network's output as the
+    expected output; return the exported ONNX's largest difference from it on that input."""
+    import onnxruntime as ort
+
+    net.load_state_dict(torch.load(state_dir / f"{model}.pt", map_location="cpu"))
+    if source.suffix == ".npz":
+        with np.load(source) as z:
+            arrays = {k: np.asarray(z[k], np.float32) for k in z.files}
+        np.savez_compressed(out_dir / "test_input.npz", **arrays)  # type: ignore[arg-type]
+    else:
+        arrays = {"image": np.asarray(np.load(source), np.float32)}
+        np.save(out_dir / "test_input.npy", arrays["image"])
+    with torch.no_grad():
+        expected = net.eval()(*[torch.from_numpy(arrays[k]) for k in ("image", "context") if k in arrays]).numpy()
+    np.save(out_dir / "test_expected.npy", expected)
+    sess = ort.InferenceSession(str(out_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    return float(np.abs(sess.run(None, arrays)[0] - expected).max())
 
 
 @torch.no_grad()
