@@ -140,7 +140,7 @@ def test_weave_hides_the_piece_lattice() -> None:
 
 def test_multiclass_recipe_runs_a_few_seeded_steps(tmp_path: Path) -> None:
     """train-full of each family: 3 + 2 steps on 300 real PCam patches, hard negatives mined, held-out figures."""
-    from zoo.train.multiclass_recipe import train_full
+    from zoo.train.multiclass_recipe import finetune, train_full
 
     zip_path, slide = shared("pcam", "pcam-ai4all-trainval.zip"), shared("slides", "kidney-48-5.tif")
     images = shared("images")
@@ -152,6 +152,11 @@ def test_multiclass_recipe_runs_a_few_seeded_steps(tmp_path: Path) -> None:
         ev = saved["evaluation_report_composites"]
         assert 0 <= ev["tumour_called_on_tumour_free_tissue"] <= 1 and ev["composites"] == 2
         assert s["hard_negatives"]["patches_seen"] > 0
+        if name == "multilevel-unet":  # finetune continues that state with Tumour weighted, and says where from
+            f = finetune(MultiLevelUNet(base=8), name, ctx, zip_path, slide, images, tmp_path / name, tmp_path / "ft",
+                         2, 2, 64, 1, 1e-3, 3.0, eval_composites=1, canvas_px=256, limit=300)  # fmt: skip
+            assert f["finetune"]["class_weights"][2] == 3.0 and f["started_from"]["round2"]["steps"] == 2
+            assert (tmp_path / "ft" / f"{name}.pt").exists() and (tmp_path / "ft" / "train.json").exists()
 
 
 def test_export_writes_a_bundled_test_from_the_torch_network(

@@ -291,6 +291,19 @@ def family_main(
     f.add_argument("--eval-composites", type=int, default=20, help="held-out composites to report on")
     f.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of the encoder as a PCam patch classifier")
     f.add_argument("--seed", type=int, default=0, help="random seed")
+    u = sub.add_parser("finetune", help="1.1: continue a train-full state with the Tumour class weighted")
+    u.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    u.add_argument("--glass-slide", type=Path, default=Path("../shared/data/slides/kidney-48-5.tif"), help="glass")
+    u.add_argument("--images", type=Path, default=Path("../shared/data/images"), help="artefact crops folder")
+    u.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt (and its train.json)")
+    u.add_argument("--out", type=Path, required=True, help=f"folder for the new {model}.pt and train.json")
+    u.add_argument("--steps", type=int, default=400, help="AdamW steps")
+    u.add_argument("--batch", type=int, default=8, help="tiles per step")
+    u.add_argument("--tile", type=int, default=256, help="training tile size in px")
+    u.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (one-cycle)")
+    u.add_argument("--tumour-weight", type=float, default=3.0, help="cross-entropy weight of the Tumour class")
+    u.add_argument("--eval-composites", type=int, default=20, help="held-out composites to report on")
+    u.add_argument("--seed", type=int, default=3, help="random seed")
     e = sub.add_parser("export", help=f"export {model}.onnx")
     e.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt")
     e.add_argument("--out", type=Path, required=True, help="output folder")
@@ -311,6 +324,15 @@ def family_main(
         train_full(
             make_net(), model, context, a.zip, a.glass_slide, a.images, a.out, a.steps, a.hard_steps, a.batch,
             a.tile, a.seed, a.lr, eval_composites=a.eval_composites, pretrain_epochs=a.pretrain_epochs,
+        )  # fmt: skip
+    elif a.cmd == "finetune":
+        from zoo.train.multiclass_recipe import finetune
+
+        if make_net is None:
+            raise SystemExit(f"{module}: no finetune recipe")
+        finetune(
+            make_net(), model, context, a.zip, a.glass_slide, a.images, a.state, a.out, a.steps, a.batch, a.tile,
+            a.seed, a.lr, a.tumour_weight, eval_composites=a.eval_composites,
         )  # fmt: skip
     else:
         res = export(a.state, a.out)

@@ -168,14 +168,17 @@ def fit(
     reuse: int = 2,
     on_log: Callable[[dict[str, float]], None] | None = None,
     log_every: int = 100,
+    tumour_weight: float = 1.0,
 ) -> dict[str, Any]:
-    """AdamW one-cycle on cross-entropy (Exclude x2); a fresh canvas every ``reuse`` steps."""
+    """AdamW one-cycle on cross-entropy (Exclude x2, Tumour x ``tumour_weight``); a fresh canvas every ``reuse``
+    steps."""
     dev = source.pools.normal.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     torch.manual_seed(seed)
     amp = _amp(dev)
     weight = torch.ones(len(CLASSES), device=dev)
     weight[CLASSES.index("Exclude")] = 2.0
+    weight[TUMOUR] = tumour_weight
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -212,7 +215,8 @@ def fit(
             if on_log is not None:
                 on_log(row)
     net.eval()
-    return {"steps": steps, "batch": batch, "tile_px": tile_px, "lr": lr, "bf16_autocast": amp, "log": log}
+    return {"steps": steps, "batch": batch, "tile_px": tile_px, "lr": lr, "bf16_autocast": amp,
+            "class_weights": [round(float(w), 3) for w in weight], "log": log}  # fmt: skip
 
 
 def _predict_fn(net: nn.Module, amp: bool) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
@@ -347,6 +351,58 @@ def train_full(
         summary["hard_negatives"] = stats
         hard = SeamlessSource(train.pools, canvas_px, normal_weights=weights)
         summary["round2"] = fit(net, hard, hard_steps, batch, tile_px, seed + 2, context, lr / 2, on_log=show)
+    save_state(net, out / f"{name}.pt")
+    held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
+    summary["evaluation_report_composites"] = evaluate(net, held, eval_composites, tile_px, context, seed + 200)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "train.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary["evaluation_report_composites"]), flush=True)
+    return summary
+
+
+def finetune(
+    net: nn.Module,
+    name: str,
+    context: int,
+    zip_path: Path,
+    glass_slide: Path,
+    images: Path,
+    state: Path,
+    out: Path,
+    steps: int,
+    batch: int,
+    tile_px: int,
+    seed: int,
+    lr: float,
+    tumour_weight: float,
+    eval_composites: int = 20,
+    canvas_px: int = 1024,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Continue ``state/<name>.pt`` for ``steps`` with the Tumour class weighted ``tumour_weight`` (for a network
+    that settled for calling tumour Tissue), then :func:`evaluate` on training and ``report`` composites; saves
+    ``out/<name>.pt`` and ``out/train.json`` (with the starting state's train.json as ``started_from``)."""
+    from zoo.train.common import device, device_name, save_state
+
+    dev = device()
+    t0 = time.perf_counter()
+    net.load_state_dict(torch.load(state / f"{name}.pt", map_location="cpu"))
+    net = net.to(dev)
+    train = SeamlessSource(load_pools(zip_path, "train", glass_slide, images, seed, dev, limit), canvas_px)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def show(row: dict[str, float]) -> None:
+        print(json.dumps(row), flush=True)
+
+    before = state / "train.json"
+    summary: dict[str, Any] = {
+        "device": device_name(dev), "torch": torch.__version__, "seed": seed,
+        "started_from": json.loads(before.read_text()) if before.is_file() else str(state),
+    }  # fmt: skip
+    summary["finetune"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=show,
+                              tumour_weight=tumour_weight)  # fmt: skip
+    summary["finetune_training_composites"] = evaluate(net, train, 2, tile_px, context, seed + 50)
+    print(json.dumps({"finetune_training_composites": summary["finetune_training_composites"]}), flush=True)
     save_state(net, out / f"{name}.pt")
     held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
     summary["evaluation_report_composites"] = evaluate(net, held, eval_composites, tile_px, context, seed + 200)
