@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -255,6 +256,13 @@ def train_models(
     return summary
 
 
+def _data_arguments(p: Any) -> None:
+    """The training data options of train-full and finetune: PCam, the glass slide, the artefact crops."""
+    p.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
+    p.add_argument("--glass-slide", type=Path, default=Path("../shared/data/slides/kidney-48-5.tif"), help="glass")
+    p.add_argument("--images", type=Path, default=Path("../shared/data/images"), help="artefact crops folder")
+
+
 def family_main(
     argv: list[str] | None,
     module: str,
@@ -279,9 +287,7 @@ def family_main(
     t.add_argument("--batch", type=int, default=batch, help=f"{tile_px} px tiles per step")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     f = sub.add_parser("train-full", help="1.1: all PCam patches, seamless composites, hard negatives")
-    f.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
-    f.add_argument("--glass-slide", type=Path, default=Path("../shared/data/slides/kidney-48-5.tif"), help="glass")
-    f.add_argument("--images", type=Path, default=Path("../shared/data/images"), help="artefact crops folder")
+    _data_arguments(f)
     f.add_argument("--out", type=Path, required=True, help=f"folder for {model}.pt and train.json")
     f.add_argument("--steps", type=int, default=2400, help="AdamW steps of round 1")
     f.add_argument("--hard-steps", type=int, default=800, help="steps of round 2, on hard negatives (0: none)")
@@ -292,9 +298,7 @@ def family_main(
     f.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of the encoder as a PCam patch classifier")
     f.add_argument("--seed", type=int, default=0, help="random seed")
     u = sub.add_parser("finetune", help="1.1: continue a train-full state with the Tumour class weighted")
-    u.add_argument("--zip", type=Path, default=Path("../shared/data/pcam/pcam-ai4all-trainval.zip"), help="PCam zip")
-    u.add_argument("--glass-slide", type=Path, default=Path("../shared/data/slides/kidney-48-5.tif"), help="glass")
-    u.add_argument("--images", type=Path, default=Path("../shared/data/images"), help="artefact crops folder")
+    _data_arguments(u)
     u.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt (and its train.json)")
     u.add_argument("--out", type=Path, required=True, help=f"folder for the new {model}.pt and train.json")
     u.add_argument("--steps", type=int, default=400, help="AdamW steps")

@@ -321,7 +321,7 @@ def train_full(
     """The encoder as a patch classifier (``pretrain_epochs``), round 1 (``steps``), hard-negative mining, round 2
     (``hard_steps``, at half the learning rate), then :func:`evaluate` on ``report``-split composites; saves
     ``out/<name>.pt`` and ``out/train.json``."""
-    from zoo.train.common import count_parameters, device, device_name, save_state
+    from zoo.train.common import count_parameters, device, device_name
 
     dev = device()
     t0 = time.perf_counter()
@@ -351,13 +351,8 @@ def train_full(
         summary["hard_negatives"] = stats
         hard = SeamlessSource(train.pools, canvas_px, normal_weights=weights)
         summary["round2"] = fit(net, hard, hard_steps, batch, tile_px, seed + 2, context, lr / 2, on_log=show)
-    save_state(net, out / f"{name}.pt")
     held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
-    summary["evaluation_report_composites"] = evaluate(net, held, eval_composites, tile_px, context, seed + 200)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "train.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary["evaluation_report_composites"]), flush=True)
-    return summary
+    return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
 
 
 def finetune(
@@ -382,7 +377,7 @@ def finetune(
     """Continue ``state/<name>.pt`` for ``steps`` with the Tumour class weighted ``tumour_weight`` (for a network
     that settled for calling tumour Tissue), then :func:`evaluate` on training and ``report`` composites; saves
     ``out/<name>.pt`` and ``out/train.json`` (with the starting state's train.json as ``started_from``)."""
-    from zoo.train.common import device, device_name, save_state
+    from zoo.train.common import device, device_name
 
     dev = device()
     t0 = time.perf_counter()
@@ -403,9 +398,27 @@ def finetune(
                               tumour_weight=tumour_weight)  # fmt: skip
     summary["finetune_training_composites"] = evaluate(net, train, 2, tile_px, context, seed + 50)
     print(json.dumps({"finetune_training_composites": summary["finetune_training_composites"]}), flush=True)
-    save_state(net, out / f"{name}.pt")
     held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
-    summary["evaluation_report_composites"] = evaluate(net, held, eval_composites, tile_px, context, seed + 200)
+    return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
+
+
+def _save_and_report(
+    net: nn.Module,
+    name: str,
+    out: Path,
+    summary: dict[str, Any],
+    held: SeamlessSource,
+    n: int,
+    tile_px: int,
+    context: int,
+    seed: int,
+    t0: float,
+) -> dict[str, Any]:
+    """Save ``out/<name>.pt``, evaluate on ``n`` held-out composites, write ``out/train.json``; the summary."""
+    from zoo.train.common import save_state
+
+    save_state(net, out / f"{name}.pt")
+    summary["evaluation_report_composites"] = evaluate(net, held, n, tile_px, context, seed + 200)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "train.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary["evaluation_report_composites"]), flush=True)
