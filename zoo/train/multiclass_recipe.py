@@ -329,9 +329,6 @@ def train_full(
     train = SeamlessSource(load_pools(zip_path, "train", glass_slide, images, seed, dev, limit), canvas_px)
     out.mkdir(parents=True, exist_ok=True)
 
-    def show(row: dict[str, float]) -> None:
-        print(json.dumps(row), flush=True)
-
     summary: dict[str, Any] = {
         "device": device_name(dev), "torch": torch.__version__, "seed": seed, "network": type(net).__name__,
         "parameters": count_parameters(net), "context_factor": context or None,
@@ -341,16 +338,15 @@ def train_full(
     }  # fmt: skip
     if pretrain_epochs:
         summary["encoder_pretraining"] = pretrain_encoder(net, zip_path, pretrain_epochs, seed, limit)
-    summary["round1"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=show)
-    summary["round1_training_composites"] = evaluate(net, train, 2, tile_px, context, seed + 50)
-    print(json.dumps({"round1_training_composites": summary["round1_training_composites"]}), flush=True)
+    summary["round1"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=_show)
+    _score_training(summary, "round1_training_composites", net, train, tile_px, context, seed)
     if hard_steps > 0:
         mined = 1 if limit else 24
         weights, stats = mine_hard_negatives(net, train, mined, tile_px, context, seed + 1, hard_weight)
         print(json.dumps({"hard_negatives": stats}), flush=True)
         summary["hard_negatives"] = stats
         hard = SeamlessSource(train.pools, canvas_px, normal_weights=weights)
-        summary["round2"] = fit(net, hard, hard_steps, batch, tile_px, seed + 2, context, lr / 2, on_log=show)
+        summary["round2"] = fit(net, hard, hard_steps, batch, tile_px, seed + 2, context, lr / 2, on_log=_show)
     held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
     return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
 
@@ -386,20 +382,29 @@ def finetune(
     train = SeamlessSource(load_pools(zip_path, "train", glass_slide, images, seed, dev, limit), canvas_px)
     out.mkdir(parents=True, exist_ok=True)
 
-    def show(row: dict[str, float]) -> None:
-        print(json.dumps(row), flush=True)
-
     before = state / "train.json"
     summary: dict[str, Any] = {
         "device": device_name(dev), "torch": torch.__version__, "seed": seed,
         "started_from": json.loads(before.read_text()) if before.is_file() else str(state),
     }  # fmt: skip
-    summary["finetune"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=show,
+    summary["finetune"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=_show,
                               tumour_weight=tumour_weight)  # fmt: skip
-    summary["finetune_training_composites"] = evaluate(net, train, 2, tile_px, context, seed + 50)
-    print(json.dumps({"finetune_training_composites": summary["finetune_training_composites"]}), flush=True)
+    _score_training(summary, "finetune_training_composites", net, train, tile_px, context, seed)
     held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
     return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
+
+
+def _show(row: dict[str, Any]) -> None:
+    """A training log row on stdout, as it happens."""
+    print(json.dumps(row), flush=True)
+
+
+def _score_training(
+    summary: dict[str, Any], key: str, net: nn.Module, source: SeamlessSource, tile_px: int, context: int, seed: int
+) -> None:
+    """:func:`evaluate` on 2 training composites into ``summary[key]`` and on stdout (does it fit what it saw?)."""
+    summary[key] = evaluate(net, source, 2, tile_px, context, seed + 50)
+    _show({key: summary[key]})
 
 
 def _save_and_report(
