@@ -237,8 +237,8 @@ def test_torch_engine_backward_slices_match_onnxruntime_and_survive_re_export(
 
 @pytest.mark.parametrize(("model", "arena"), [("peer-tissue-unet", False), ("tissue-multires", True)])
 def test_onnxruntime_arena_only_for_networks_that_run_many_times(model: str, arena: bool) -> None:
-    """A whole-slide network runs once per slide: no arena keeping its peak (tumour-h2g's refinement: 875 vs
-    1,580 MB); tiled networks keep it for reuse between batches."""
+    """A whole-slide network runs once per slide: no arena keeping its peak (tumour-h2g's refinement: 873 vs
+    1,576 MB, benchmarks/bench_whole_slide_memory.py); tiled networks keep it for reuse between batches."""
     from zoo.engines.model import OnnxModel
     from zoo.registry import verified_weights
 

@@ -65,7 +65,7 @@ class OrtEngine:
         so.intra_op_num_threads = options.threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         # a whole-slide network runs once per slide: the arena would keep its peak (and round it up) for nothing;
-        # tumour-h2g's 1024 px refinement peaks at 875 MB without it, 1,580 MB with it, and runs faster
+        # tumour-h2g's 1024 px refinement: 873 vs 1,576 MB peak (python benchmarks/bench_whole_slide_memory.py)
         so.enable_cpu_mem_arena = entry.input.mode != "whole-slide"
         if options.device is not None:
             check_providers(["CUDAExecutionProvider"])
