@@ -180,3 +180,105 @@ def test_export_writes_a_bundled_test_from_the_torch_network(
         np.testing.assert_array_equal(got["image"], want["image"])
     expected = np.load(out / "test_expected.npy")
     assert expected.shape == (1, 4, 256, 256) and np.allclose(expected.sum(1), 1.0, atol=1e-4)
+
+
+def test_patch_head_dense_is_the_patch_classifier_at_every_window() -> None:
+    """Dense at a location = the patch classifier on the window around it, temperature applied, the threshold at 0.5."""
+    from zoo.train.patch_head import PatchHead
+
+    torch.manual_seed(0)
+    head = PatchHead(8)
+    deep = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        logits = head.patch_logits(deep)  # the whole 5 x 5 field: the window around the centre location
+        d = logits[:, 1] - logits[:, 0]
+        head.temperature.fill_(2.0)
+        head.threshold.fill_(float(torch.sigmoid(d[0] / 2.0)))  # sample 0 sits exactly at the threshold
+        dense = head.dense(deep, (5, 5))
+    assert dense.shape == (2, 1, 5, 5) and float(dense.min()) > 0 and float(dense.max()) < 1
+    thr = head.threshold
+    want = torch.sigmoid(d / 2.0 - torch.log(thr / (1 - thr)))
+    torch.testing.assert_close(dense[:, 0, 2, 2], want, atol=1e-5, rtol=0)
+    assert abs(float(dense[0, 0, 2, 2]) - 0.5) < 1e-5
+
+
+def test_compose_splits_the_segmenters_tissue_by_the_head() -> None:
+    from zoo.train.patch_head import compose
+
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(2, 4, 3, 3, generator=gen), 1)
+    t = torch.rand(2, 1, 3, 3, generator=gen)
+    out = compose(probs, t)
+    torch.testing.assert_close(out.sum(1), torch.ones(2, 3, 3))
+    torch.testing.assert_close(out[:, 2], (probs[:, 1] + probs[:, 2]) * t[:, 0])
+    torch.testing.assert_close(out[:, [0, 3]], probs[:, [0, 3]])
+
+
+def test_train_head_freezes_the_encoder_and_exports_the_composed_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train-head of each family: 2 encoder steps on real PCam patches, 2 segmenter steps with the encoder and head
+    frozen (weights and batch-norm statistics unchanged), held-out figures; the export runs on every engine."""
+    import onnxruntime as ort
+
+    from zoo.engines.torch_graph import load_graph
+    from zoo.train import cd_unet, multiclass_recipe, multilevel
+
+    real_fit = multiclass_recipe.fit
+
+    def checked_fit(net: torch.nn.Module, *args: object, **kwargs: object) -> dict[str, object]:
+        clf = multiclass_recipe.encoder_of(net)  # encoder, colour deconvolution and head; not the decoder
+        frozen = ("unet.down.", "pre.", "head.")
+        before = {k: v.clone() for k, v in clf.state_dict().items() if k.startswith(frozen)}
+        decoder = {k: v.clone() for k, v in clf.state_dict().items() if k.startswith("unet.up.")}
+        out = real_fit(net, *args, **kwargs)  # type: ignore[arg-type]
+        after = clf.state_dict()
+        assert any(k.startswith("unet.down.") for k in before) and any(k.startswith("head.") for k in before)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not all(torch.equal(decoder[k], after[k]) for k in decoder)  # the rest did learn
+        return out
+
+    monkeypatch.setattr(multiclass_recipe, "fit", checked_fit)
+    zip_path, slide = shared("pcam", "pcam-ai4all-trainval.zip"), shared("slides", "kidney-48-5.tif")
+    for name, net, ctx, module in (
+        ("cd-unet", CDUNet(base=8, patch_head=True), 0, cd_unet),
+        ("multilevel-unet", MultiLevelUNet(base=8, patch_head=True), 4, multilevel),
+    ):
+        s = multiclass_recipe.train_head(net, name, ctx, zip_path, slide, shared("images"), tmp_path / name, 1, 2, 2,
+                                         64, 0, eval_composites=1, canvas_px=256, limit=300)  # fmt: skip
+        head = s["encoder_pretraining"]["patch_head"]
+        assert 0 < head["threshold_select"] < 1 and head["report"]["patches"] > 0
+        assert s["segmenter"]["tumour_learned_as_tissue"] is True
+        saved = json.loads((tmp_path / name / "train.json").read_text())
+        assert 0 <= saved["evaluation_report_composites"]["tumour_called_on_tumour_free_tissue"] <= 1
+        state = torch.load(tmp_path / name / f"{name}.pt")
+        assert float(state["tumour.threshold"]) == pytest.approx(head["threshold_select"])
+        if ctx:  # tune-head: window and threshold chosen on select composites, saved in the state
+            tuned = tmp_path / "tuned"
+            t = multiclass_recipe.tune(MultiLevelUNet(base=8, patch_head=True), name, ctx, zip_path, slide,
+                                       shared("images"), tmp_path / name, tuned, 64, 0, select_composites=1,
+                                       eval_composites=1, canvas_px=256, limit=300)  # fmt: skip
+            chosen, rows = t["tune_head"]["chosen"], t["tune_head"]["candidates"]
+            assert chosen in rows and len(rows) >= 3 * 3 and t["tune_head"]["split"] == "select"
+            again = torch.load(tuned / f"{name}.pt")
+            assert int(again["tumour.window"]) == chosen["window"]
+            assert float(again["tumour.threshold"]) == pytest.approx(chosen["threshold"])
+            assert t["started_from"]["segmenter"]["tumour_learned_as_tissue"] is True
+        # the export of a full-size network with a head: ONNX Runtime and the torch engine agree with torch
+        full = CDUNet(patch_head=True) if name == "cd-unet" else MultiLevelUNet(patch_head=True)
+        full.tumour.threshold.fill_(0.3)  # type: ignore[union-attr]
+        (tmp_path / "full").mkdir(exist_ok=True)
+        torch.save(full.state_dict(), tmp_path / "full" / f"{name}.pt")
+        diff = module.export(tmp_path / "full", tmp_path / "full")[name]
+        assert diff < 1e-4
+        onnx_path = tmp_path / "full" / f"{name}.onnx"
+        size = 512 if name == "cd-unet" else 256
+        feeds = {"image": np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)}
+        if ctx:
+            feeds["context"] = np.random.default_rng(1).random((1, 3, size, size), dtype=np.float32)
+        want = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_allclose(want.sum(1), 1.0, atol=1e-4)
+        graph = load_graph(str(onnx_path), str(onnx_path))
+        with torch.no_grad():
+            got = graph(*[torch.from_numpy(feeds[k]) for k in ("image", "context") if k in feeds])[0].numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4)

@@ -105,6 +105,15 @@ def _maxpool(x: list[Any], a: dict[str, Any]) -> list[Any]:
     return [pool(x[0], k, a.get("strides", k), pads, a.get("dilations", 1), bool(a.get("ceil_mode", 0)))]
 
 
+@_op("AveragePool")
+def _avgpool(x: list[Any], a: dict[str, Any]) -> list[Any]:
+    k = a["kernel_shape"]
+    pads = _sym_pads(a.get("pads", [0] * 2 * len(k)), "AveragePool")
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(k)]
+    include = bool(a.get("count_include_pad", 0))
+    return [pool(x[0], k, a.get("strides", k), pads, bool(a.get("ceil_mode", 0)), include)]
+
+
 @_op("Relu")
 def _relu(x: list[Any], a: dict[str, Any]) -> list[Any]:
     return [F.relu(x[0])]
@@ -118,6 +127,11 @@ def _leaky(x: list[Any], a: dict[str, Any]) -> list[Any]:
 @_op("Sigmoid")
 def _sigmoid(x: list[Any], a: dict[str, Any]) -> list[Any]:
     return [torch.sigmoid(x[0])]
+
+
+@_op("Log")
+def _log(x: list[Any], a: dict[str, Any]) -> list[Any]:
+    return [torch.log(x[0])]
 
 
 @_op("Softmax")

@@ -18,6 +18,7 @@ from torch import nn
 
 from zoo.train.common import double_conv
 from zoo.train.multiclass import CLASSES, family_main, train_models
+from zoo.train.patch_head import PatchHead, compose
 
 
 class UNet(nn.Module):
@@ -51,7 +52,9 @@ class UNet(nn.Module):
 class CDUNet(nn.Module):
     """(N, 3, H, W) RGB in [0, 1] -> (N, classes, H, W) probabilities; H, W multiples of 16."""
 
-    def __init__(self, classes: int = len(CLASSES), base: int = 32, colour_deconvolution: bool = True) -> None:
+    def __init__(
+        self, classes: int = len(CLASSES), base: int = 32, colour_deconvolution: bool = True, patch_head: bool = False
+    ) -> None:
         super().__init__()
         cd: nn.Module = nn.Identity()
         if colour_deconvolution:
@@ -62,12 +65,19 @@ class CDUNet(nn.Module):
         self.cd = cd
         self.unet = UNet(3, base)
         self.head = nn.Conv2d(base, classes, 1)
+        # 1.1: the tumour decision of a PCam patch classifier on the encoder (zoo.train.patch_head)
+        self.tumour = PatchHead(self.unet.widths[-1]) if patch_head else None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The segmenter's own logits (without the patch head)."""
         return self.head(self.unet.features(self.cd(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(x), dim=1)
+        if self.tumour is None:
+            return torch.softmax(self.logits(x), dim=1)
+        skips = self.unet.encode(self.cd(x))
+        probs = torch.softmax(self.head(self.unet.decode(skips)), dim=1)
+        return compose(probs, self.tumour.dense(skips[-1], tuple(probs.shape[-2:])))  # type: ignore[arg-type]
 
 
 def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 512) -> dict[str, object]:
@@ -80,8 +90,9 @@ def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 
 def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
     from zoo.train.export import export_onnx
 
-    net = CDUNet()
-    net.load_state_dict(torch.load(state_dir / "cd-unet.pt", map_location="cpu"))
+    state = torch.load(state_dir / "cd-unet.pt", map_location="cpu")
+    net = CDUNet(patch_head=any(k.startswith("tumour.") for k in state))
+    net.load_state_dict(state)
     return {"cd-unet": export_onnx(net.eval(), (3, 512, 512), out_dir / "cd-unet.onnx", "image", "probabilities")}
 
 

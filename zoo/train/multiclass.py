@@ -272,7 +272,7 @@ def family_main(
     model: str,
     batch: int,
     tile_px: int,
-    make_net: Callable[[], nn.Module] | None = None,
+    make_net: Callable[..., nn.Module] | None = None,
     context: int = 0,
 ) -> int:
     """The ``train``/``train-full``/``export`` command line shared by the multi-class model families."""
@@ -308,6 +308,26 @@ def family_main(
     u.add_argument("--tumour-weight", type=float, default=3.0, help="cross-entropy weight of the Tumour class")
     u.add_argument("--eval-composites", type=int, default=20, help="held-out composites to report on")
     u.add_argument("--seed", type=int, default=3, help="random seed")
+    h = sub.add_parser("train-head", help="1.1: encoder + patch head on PCam, then the segmenter around them")
+    _data_arguments(h)
+    h.add_argument("--out", type=Path, required=True, help=f"folder for {model}.pt and train.json")
+    h.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of the encoder and head on PCam patches")
+    h.add_argument("--steps", type=int, default=1000, help="AdamW steps of the segmenter (encoder frozen)")
+    h.add_argument("--batch", type=int, default=8, help="tiles per step")
+    h.add_argument("--tile", type=int, default=256, help="training tile size in px")
+    h.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    h.add_argument("--eval-composites", type=int, default=20, help="held-out composites to report on")
+    h.add_argument("--seed", type=int, default=0, help="random seed")
+    n = sub.add_parser("tune-head", help="1.1: choose the patch head's window and threshold on select composites")
+    _data_arguments(n)
+    n.add_argument("--state", type=Path, required=True, help=f"folder with a train-head {model}.pt")
+    n.add_argument("--out", type=Path, required=True, help=f"folder for the tuned {model}.pt and train.json")
+    n.add_argument("--tile", type=int, default=256, help="tile size in px")
+    n.add_argument(
+        "--select-composites", type=int, default=8, help="select composites with tumour (half as many without)"
+    )
+    n.add_argument("--eval-composites", type=int, default=20, help="held-out composites to report on")
+    n.add_argument("--seed", type=int, default=0, help="random seed")
     e = sub.add_parser("export", help=f"export {model}.onnx")
     e.add_argument("--state", type=Path, required=True, help=f"folder with {model}.pt")
     e.add_argument("--out", type=Path, required=True, help="output folder")
@@ -338,14 +358,32 @@ def family_main(
             make_net(), model, context, a.zip, a.glass_slide, a.images, a.state, a.out, a.steps, a.batch, a.tile,
             a.seed, a.lr, a.tumour_weight, eval_composites=a.eval_composites,
         )  # fmt: skip
+    elif a.cmd == "train-head":
+        from zoo.train.multiclass_recipe import train_head
+
+        if make_net is None:
+            raise SystemExit(f"{module}: no train-head recipe")
+        train_head(
+            make_net(patch_head=True), model, context, a.zip, a.glass_slide, a.images, a.out, a.pretrain_epochs,
+            a.steps, a.batch, a.tile, a.seed, a.lr, eval_composites=a.eval_composites,
+        )  # fmt: skip
+    elif a.cmd == "tune-head":
+        from zoo.train.multiclass_recipe import tune
+
+        if make_net is None:
+            raise SystemExit(f"{module}: no tune-head recipe")
+        tune(
+            make_net(patch_head=True), model, context, a.zip, a.glass_slide, a.images, a.state, a.out, a.tile, a.seed,
+            a.select_composites, a.eval_composites,
+        )  # fmt: skip
     else:
         res = export(a.state, a.out)
         if a.test_from is not None:
             if make_net is None:
                 raise SystemExit(f"{module}: no network to write a bundled test with")
-            res["bundled_test_max_abs_diff_onnx_vs_torch"] = write_bundled_test(
-                make_net(), model, a.state, a.out, a.test_from
-            )
+            keys = torch.load(a.state / f"{model}.pt", map_location="cpu").keys()
+            net = make_net(patch_head=True) if any(k.startswith("tumour.") for k in keys) else make_net()
+            res["bundled_test_max_abs_diff_onnx_vs_torch"] = write_bundled_test(net, model, a.state, a.out, a.test_from)
         print(json.dumps(res))
     return 0
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from zoo.train import seamless, stains
 from zoo.train.multiclass import CLASSES, IGNORE, crops, paste_artefact, per_class_dice, predict_canvas
+from zoo.train.patch_head import PatchHead
 from zoo.train.pcam_recipe import _amp
 
 TUMOUR = CLASSES.index("Tumour")
@@ -111,45 +112,78 @@ class EncoderClassifier(nn.Module):
     """A U-Net's encoder (after ``pre``) with global average pooling and a linear layer: (N, 3, H, W) -> (N, 2)
     logits, for :func:`pretrain_encoder`. The modules are shared with the segmenter, not copied."""
 
-    def __init__(self, unet: nn.Module, pre: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, pre: nn.Module, head: PatchHead | None = None) -> None:
         super().__init__()
-        self.unet, self.pre = unet, pre
-        self.fc = nn.Linear(int(unet.widths[-1]), 2)  # type: ignore[index]
+        self.unet, self.pre, self.head = unet, pre, head
+        self.fc = nn.Linear(int(unet.widths[-1]), 2) if head is None else None  # type: ignore[index]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.unet.encode(self.pre(x))[-1].mean(dim=(2, 3)))  # type: ignore[operator]
+        deep = self.unet.encode(self.pre(x))[-1]  # type: ignore[operator]
+        if self.head is not None:
+            return self.head.patch_logits(deep)
+        assert self.fc is not None
+        return self.fc(deep.mean(dim=(2, 3)))
 
 
 def encoder_of(net: nn.Module) -> EncoderClassifier:
-    """CD-UNET: its colour deconvolution and U-Net; the multi-level U-Net: its high-resolution branch."""
+    """CD-UNET: its colour deconvolution and U-Net; the multi-level U-Net: its high-resolution branch. With the
+    network's :class:`PatchHead` (``net.tumour``) as the classifier where it has one."""
+    head = getattr(net, "tumour", None)
     if hasattr(net, "high"):
-        return EncoderClassifier(net.high, nn.Identity())  # type: ignore[arg-type]
-    return EncoderClassifier(net.unet, net.cd)  # type: ignore[arg-type]
+        return EncoderClassifier(net.high, nn.Identity(), head)  # type: ignore[arg-type]
+    return EncoderClassifier(net.unet, net.cd, head)  # type: ignore[arg-type]
 
 
 def pretrain_encoder(
     net: nn.Module, zip_path: Path, epochs: int, seed: int, limit: int | None = None
 ) -> dict[str, Any]:
     """Train ``net``'s encoder as a PCam patch classifier (:func:`zoo.train.pcam_recipe.fit`, balanced batches of
-    128, one-cycle to 2e-3, the best epoch by ``select`` AUC); returns its history."""
+    128, one-cycle to 2e-3, the best epoch by ``select`` AUC); returns its history. A network with a
+    :class:`PatchHead` also gets its temperature and threshold fitted on ``select``, and the figures on
+    ``report`` (never used for a choice)."""
     from zoo.train.common import to_tensor
+    from zoo.train.pcam_recipe import (
+        best_threshold,
+        binary_figures,
+        bootstrap_ci,
+        fit_temperature,
+        logits_of,
+        pcam_splits,
+        tumour_probability,
+    )  # fmt: skip
     from zoo.train.pcam_recipe import fit as fit_patches
-    from zoo.train.pcam_recipe import pcam_splits
 
     dev = next(net.parameters()).device
     sp = pcam_splits(zip_path, seed)
-    train, select = sp.train, sp.select
+    train, select, report = sp.train, sp.select, sp.report
     if limit:
-        train = train.subset(np.linspace(0, len(train) - 1, limit).astype(int))
-        select = select.subset(np.linspace(0, len(select) - 1, limit).astype(int))
+        train, select, report = (
+            s.subset(np.linspace(0, len(s) - 1, limit).astype(int)) for s in (train, select, report)
+        )
     clf = encoder_of(net).to(dev)
+    select_x = to_tensor(select.decode(), dev)
     out = fit_patches(
-        clf, to_tensor(train.decode(), dev), torch.from_numpy(train.labels).to(dev), to_tensor(select.decode(), dev),
+        clf, to_tensor(train.decode(), dev), torch.from_numpy(train.labels).to(dev), select_x,
         select.labels, epochs, 128 if not limit else 16, 2e-3, seed, steps_per_epoch=2 if limit else None,
         on_epoch=lambda r: print(json.dumps({"encoder": r}), flush=True),
     )  # fmt: skip
+    res: dict[str, Any] = {"epochs": epochs, "best_epoch": out["best_epoch"], "history": out["history"]}
+    head = clf.head
+    if head is not None:
+        sel_logits = logits_of(clf, select_x, tta=False)
+        temperature = fit_temperature(sel_logits, select.labels)
+        threshold = best_threshold(tumour_probability(sel_logits, temperature), select.labels)
+        head.temperature.fill_(temperature)
+        head.threshold.fill_(threshold)
+        p = tumour_probability(logits_of(clf, to_tensor(report.decode(), dev), tta=False), temperature)
+        res["patch_head"] = {
+            "temperature": temperature, "threshold_select": threshold,
+            "report": {**binary_figures(p, report.labels, threshold),
+                       "ci95": bootstrap_ci(p, report.labels, threshold)},
+        }  # fmt: skip
+        _show({"patch_head": res["patch_head"]})
     net.train()
-    return {"epochs": epochs, "best_epoch": out["best_epoch"], "history": out["history"]}
+    return res
 
 
 def _forward(net: nn.Module, x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
@@ -169,9 +203,11 @@ def fit(
     on_log: Callable[[dict[str, float]], None] | None = None,
     log_every: int = 100,
     tumour_weight: float = 1.0,
+    frozen: list[nn.Module] | None = None,
 ) -> dict[str, Any]:
     """AdamW one-cycle on cross-entropy (Exclude x2, Tumour x ``tumour_weight``); a fresh canvas every ``reuse``
-    steps."""
+    steps. ``frozen`` modules keep their weights and batch-norm statistics, and Tumour pixels are learned as
+    Tissue (the network's patch head decides tumour)."""
     dev = source.pools.normal.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     torch.manual_seed(seed)
@@ -180,9 +216,13 @@ def fit(
     weight[CLASSES.index("Exclude")] = 2.0
     weight[TUMOUR] = tumour_weight
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    for m in frozen or []:
+        m.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     net.train()
+    for m in frozen or []:
+        m.eval()
     log: list[dict[str, float]] = []
     running, t0 = 0.0, time.perf_counter()
     img = label = None
@@ -191,6 +231,8 @@ def fit(
             img, label = source.canvas(gen)
         assert img is not None and label is not None
         x, t, ctx = crops(img, label, batch, tile_px, gen, context)
+        if frozen:
+            t = torch.where(t == TUMOUR, TISSUE, t)
         both = x if ctx is None else torch.cat([x, ctx], 0)
         both = stains.train_stain_augment(both, gen)
         k = int(torch.randint(0, 8, (1,), generator=gen, device=dev))
@@ -216,13 +258,14 @@ def fit(
                 on_log(row)
     net.eval()
     return {"steps": steps, "batch": batch, "tile_px": tile_px, "lr": lr, "bf16_autocast": amp,
-            "class_weights": [round(float(w), 3) for w in weight], "log": log}  # fmt: skip
+            "class_weights": [round(float(w), 3) for w in weight], "tumour_learned_as_tissue": bool(frozen),
+            "log": log}  # fmt: skip
 
 
 def _predict_fn(net: nn.Module, amp: bool) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     def run(x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            return torch.softmax(_forward(net, x, ctx).float(), 1)
+            return (net(x) if ctx is None else net(x, ctx)).float()  # probabilities, as exported
 
     return run
 
@@ -390,6 +433,130 @@ def finetune(
     summary["finetune"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=_show,
                               tumour_weight=tumour_weight)  # fmt: skip
     _score_training(summary, "finetune_training_composites", net, train, tile_px, context, seed)
+    held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
+    return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
+
+
+def train_head(
+    net: nn.Module,
+    name: str,
+    context: int,
+    zip_path: Path,
+    glass_slide: Path,
+    images: Path,
+    out: Path,
+    pretrain_epochs: int,
+    steps: int,
+    batch: int,
+    tile_px: int,
+    seed: int,
+    lr: float = 2e-3,
+    eval_composites: int = 20,
+    canvas_px: int = 1024,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """1.1 with a patch head (``net.tumour``, :mod:`zoo.train.patch_head`): the encoder and head trained as a PCam
+    patch classifier (``pretrain_epochs``, temperature and threshold from ``select``), then frozen while the rest
+    of the segmenter learns Background / Tissue (Tumour pixels count as Tissue) / Exclude on seamless composites
+    (``steps``); :func:`evaluate` on ``report`` composites. Saves ``out/<name>.pt`` and ``out/train.json``."""
+    from zoo.train.common import count_parameters, device, device_name
+
+    if getattr(net, "tumour", None) is None:
+        raise ValueError(f"{name}: the network has no patch head; build it with patch_head=True")
+    dev = device()
+    t0 = time.perf_counter()
+    net = net.to(dev)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "device": device_name(dev), "torch": torch.__version__, "seed": seed, "network": type(net).__name__,
+        "parameters": count_parameters(net), "context_factor": context or None, "recipe": train_head.__doc__,
+    }  # fmt: skip
+    summary["encoder_pretraining"] = pretrain_encoder(net, zip_path, pretrain_epochs, seed, limit)
+    clf = encoder_of(net)
+    frozen: list[nn.Module] = [clf.pre, clf.unet.down, net.tumour]  # type: ignore[list-item]
+    train = SeamlessSource(load_pools(zip_path, "train", glass_slide, images, seed, dev, limit), canvas_px)
+    summary["data"] = {"tumour": len(train.pools.tumour), "non_tumour": len(train.pools.normal),
+                       "glass": len(train.pools.glass), "glass_slide": glass_slide.name}  # fmt: skip
+    summary["segmenter"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=_show, frozen=frozen)
+    _score_training(summary, "training_composites", net, train, tile_px, context, seed)
+    held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
+    return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
+
+
+@torch.no_grad()
+def tune_head(
+    net: nn.Module,
+    source: SeamlessSource,
+    n: int,
+    tile_px: int,
+    context: int,
+    seed: int,
+    windows: tuple[int, ...] = (5, 7, 9),
+    thresholds: tuple[float, ...] = (0.6, 0.7, 0.8),
+    max_false: float = 0.05,
+) -> dict[str, Any]:
+    """Choose the patch head's window (in 16 px feature steps) and threshold on ``select`` composites: the highest
+    tumour Dice among the candidates that call at most ``max_false`` of tumour-free tissue Tumor (else the one that
+    calls least); candidates are every window with the threshold fitted on ``select`` patches and each of
+    ``thresholds``. Sets the head's buffers; returns every candidate's figures and the choice."""
+    head = net.tumour
+    assert isinstance(head, PatchHead)
+    fitted = round(float(head.threshold), 4)
+    rows = []
+    for w in windows:
+        for t in sorted({fitted, *thresholds}):
+            head.window.fill_(w)
+            head.threshold.fill_(t)
+            ev = evaluate(net, source, n, tile_px, context, seed)
+            rows.append({"window": w, "threshold": t, "tumour_dice": ev["tumour_dice"],
+                         "all_tumour_baseline_dice": ev["all_tumour_baseline_dice"],
+                         "tumour_called_on_tumour_free_tissue": ev["tumour_called_on_tumour_free_tissue"]})  # fmt: skip
+            _show({"tune_head": rows[-1]})
+    ok = [r for r in rows if r["tumour_called_on_tumour_free_tissue"] <= max_false]
+    best = (
+        max(ok, key=lambda r: (r["tumour_dice"] or 0.0, -r["threshold"]))
+        if ok
+        else min(rows, key=lambda r: r["tumour_called_on_tumour_free_tissue"])
+    )
+    head.window.fill_(best["window"])
+    head.threshold.fill_(best["threshold"])
+    return {"split": "select", "composites": n, "max_false": max_false, "threshold_fitted_on_patches": fitted,
+            "candidates": rows, "chosen": best}  # fmt: skip
+
+
+def tune(
+    net: nn.Module,
+    name: str,
+    context: int,
+    zip_path: Path,
+    glass_slide: Path,
+    images: Path,
+    state: Path,
+    out: Path,
+    tile_px: int,
+    seed: int,
+    select_composites: int = 8,
+    eval_composites: int = 20,
+    canvas_px: int = 1024,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Load ``state/<name>.pt`` (a train-head state), :func:`tune_head` on composites woven from the PCam valid
+    ``select`` half, then :func:`evaluate` on ``report`` composites; saves ``out/<name>.pt`` and ``out/train.json``
+    (with the starting state's train.json as ``started_from``)."""
+    from zoo.train.common import device, device_name
+
+    dev = device()
+    t0 = time.perf_counter()
+    net.load_state_dict(torch.load(state / f"{name}.pt", map_location="cpu"))
+    net = net.to(dev).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    before = state / "train.json"
+    summary: dict[str, Any] = {
+        "device": device_name(dev), "torch": torch.__version__, "seed": seed,
+        "started_from": json.loads(before.read_text()) if before.is_file() else str(state),
+    }  # fmt: skip
+    select = SeamlessSource(load_pools(zip_path, "select", glass_slide, images, seed + 300, dev, limit), canvas_px)
+    summary["tune_head"] = tune_head(net, select, select_composites, tile_px, context, seed + 300)
     held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
     return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
 

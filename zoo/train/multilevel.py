@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo.train.cd_unet import CDUNet, UNet
 from zoo.train.multiclass import CLASSES, family_main, train_models
+from zoo.train.patch_head import PatchHead, compose
 
 CONTEXT_FACTOR = 4
 
@@ -41,7 +42,9 @@ def _compress(cin: int, cout: int) -> nn.Sequential:
 class MultiLevelUNet(nn.Module):
     """(image, context): each (N, 3, 256, 256) RGB in [0, 1] -> (N, classes, 256, 256) probabilities."""
 
-    def __init__(self, classes: int = len(CLASSES), base: int = 16, factor: int = CONTEXT_FACTOR) -> None:
+    def __init__(
+        self, classes: int = len(CLASSES), base: int = 16, factor: int = CONTEXT_FACTOR, patch_head: bool = False
+    ) -> None:
         super().__init__()
         self.factor = factor
         self.high, self.context = UNet(3, base), UNet(3, base)
@@ -49,17 +52,28 @@ class MultiLevelUNet(nn.Module):
         self.merge_mid = nn.Sequential(_compress(2 * w[3], w[3]), _compress(w[3], w[3]))
         self.merge_out = nn.Sequential(_compress(2 * w[0], w[0]), _compress(w[0], w[0]))
         self.head = nn.Conv2d(w[0], classes, 1)
+        # 1.1: the tumour decision of a PCam patch classifier on the high-resolution encoder (zoo.train.patch_head)
+        self.tumour = PatchHead(w[-1]) if patch_head else None
 
-    def logits(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _logits_deep(self, image: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hs, cs = self.high.encode(image), self.context.encode(context)
+        deep = hs[-1]
         mid = centre_crop_up(cs[3], self.factor, tuple(hs[3].shape[-2:]))
         hs[3] = self.merge_mid(torch.cat([hs[3], mid], 1))
         hf = self.high.decode(hs)
         cf = centre_crop_up(self.context.decode(cs), self.factor, tuple(hf.shape[-2:]))
-        return self.head(self.merge_out(torch.cat([hf, cf], 1)))
+        return self.head(self.merge_out(torch.cat([hf, cf], 1))), deep
+
+    def logits(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The segmenter's own logits (without the patch head)."""
+        return self._logits_deep(image, context)[0]
 
     def forward(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(image, context), dim=1)
+        logits, deep = self._logits_deep(image, context)
+        probs = torch.softmax(logits, dim=1)
+        if self.tumour is None:
+            return probs
+        return compose(probs, self.tumour.dense(deep, tuple(probs.shape[-2:])))  # type: ignore[arg-type]
 
 
 def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 256) -> dict[str, object]:
@@ -74,8 +88,9 @@ def train(pack: Path, out: Path, steps: int, batch: int, seed: int, size: int = 
 def export(state_dir: Path, out_dir: Path) -> dict[str, float]:
     from zoo.train.export import export_onnx
 
-    net = MultiLevelUNet()
-    net.load_state_dict(torch.load(state_dir / "multilevel-unet.pt", map_location="cpu"))
+    state = torch.load(state_dir / "multilevel-unet.pt", map_location="cpu")
+    net = MultiLevelUNet(patch_head=any(k.startswith("tumour.") for k in state))
+    net.load_state_dict(state)
     shape = (3, 256, 256)
     return {
         "multilevel-unet": export_onnx(
