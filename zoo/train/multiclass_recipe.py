@@ -416,20 +416,9 @@ def finetune(
     """Continue ``state/<name>.pt`` for ``steps`` with the Tumour class weighted ``tumour_weight`` (for a network
     that settled for calling tumour Tissue), then :func:`evaluate` on training and ``report`` composites; saves
     ``out/<name>.pt`` and ``out/train.json`` (with the starting state's train.json as ``started_from``)."""
-    from zoo.train.common import device, device_name
-
-    dev = device()
     t0 = time.perf_counter()
-    net.load_state_dict(torch.load(state / f"{name}.pt", map_location="cpu"))
-    net = net.to(dev)
+    net, dev, summary = _resume(net, name, state, out, seed)
     train = SeamlessSource(load_pools(zip_path, "train", glass_slide, images, seed, dev, limit), canvas_px)
-    out.mkdir(parents=True, exist_ok=True)
-
-    before = state / "train.json"
-    summary: dict[str, Any] = {
-        "device": device_name(dev), "torch": torch.__version__, "seed": seed,
-        "started_from": json.loads(before.read_text()) if before.is_file() else str(state),
-    }  # fmt: skip
     summary["finetune"] = fit(net, train, steps, batch, tile_px, seed, context, lr, on_log=_show,
                               tumour_weight=tumour_weight)  # fmt: skip
     _score_training(summary, "finetune_training_composites", net, train, tile_px, context, seed)
@@ -543,22 +532,31 @@ def tune(
     """Load ``state/<name>.pt`` (a train-head state), :func:`tune_head` on composites woven from the PCam valid
     ``select`` half, then :func:`evaluate` on ``report`` composites; saves ``out/<name>.pt`` and ``out/train.json``
     (with the starting state's train.json as ``started_from``)."""
+    t0 = time.perf_counter()
+    net, dev, summary = _resume(net, name, state, out, seed)
+    net.eval()
+    select = SeamlessSource(load_pools(zip_path, "select", glass_slide, images, seed + 300, dev, limit), canvas_px)
+    summary["tune_head"] = tune_head(net, select, select_composites, tile_px, context, seed + 300)
+    held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
+    return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
+
+
+def _resume(
+    net: nn.Module, name: str, state: Path, out: Path, seed: int
+) -> tuple[nn.Module, torch.device, dict[str, Any]]:
+    """``net`` with ``state/<name>.pt`` loaded, on the training device; ``out`` created; a summary that records the
+    starting state's train.json as ``started_from``."""
     from zoo.train.common import device, device_name
 
     dev = device()
-    t0 = time.perf_counter()
     net.load_state_dict(torch.load(state / f"{name}.pt", map_location="cpu"))
-    net = net.to(dev).eval()
     out.mkdir(parents=True, exist_ok=True)
     before = state / "train.json"
     summary: dict[str, Any] = {
         "device": device_name(dev), "torch": torch.__version__, "seed": seed,
         "started_from": json.loads(before.read_text()) if before.is_file() else str(state),
     }  # fmt: skip
-    select = SeamlessSource(load_pools(zip_path, "select", glass_slide, images, seed + 300, dev, limit), canvas_px)
-    summary["tune_head"] = tune_head(net, select, select_composites, tile_px, context, seed + 300)
-    held = SeamlessSource(load_pools(zip_path, "report", glass_slide, images, seed + 100, dev, limit), canvas_px)
-    return _save_and_report(net, name, out, summary, held, eval_composites, tile_px, context, seed, t0)
+    return net.to(dev), dev, summary
 
 
 def _show(row: dict[str, Any]) -> None:
