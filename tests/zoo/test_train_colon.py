@@ -36,4 +36,9 @@ def test_few_seeded_steps_and_export(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "train.json").read_text())
     assert saved["best_step"] == 3 and set(saved["evaluation"]) == {"select", "report"}
     assert 0 <= saved["evaluation"]["report"]["neoplasia_baseline_all_epithelium"] <= 1
-    assert s["parameters"] > 1e6 and colon.export(tmp_path, tmp_path / "onnx")["colon-neoplasia"] < 1e-4
+    res = colon.export(tmp_path, tmp_path / "onnx", zip_path=shared("ebhi-seg", "ebhi-seg.zip"))
+    assert s["parameters"] > 1e6 and res["colon-neoplasia"] < 1e-4
+    # the bundled test: a Normal and an Adenocarcinoma report image, reflect-padded to the tile, and torch's output
+    x, y = np.load(tmp_path / "onnx" / "test_input.npy"), np.load(tmp_path / "onnx" / "test_expected.npy")
+    assert x.shape == (2, 3, 256, 256) and y.shape == (2, 3, 256, 256) and 0 <= x.min() and x.max() <= 1
+    assert np.allclose(y.sum(1), 1, atol=1e-4) and res["bundled_test_max_abs_diff_onnx_vs_torch"] < 1e-4

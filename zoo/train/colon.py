@@ -19,7 +19,8 @@ Splits are by case (the ``GT...`` prefix of a file name; 365 cases), seeded: 70%
 balanced sampling of the two groups, the 8 dihedral transforms, HED jitter, brightness/contrast.
 
     python -m zoo.train.colon train --out train-data/colon   # colon.pt + train.json
-    python -m zoo.train.colon export --state train-data/colon --out models/colon-neoplasia/1.0.0
+    python -m zoo.train.colon export --state train-data/colon --out models/colon-neoplasia/1.0.0 \
+        --test-from ../shared/data/ebhi-seg/ebhi-seg.zip
 """
 
 from __future__ import annotations
@@ -220,14 +221,27 @@ def train(out: Path, zip_path: Path, steps: int, batch: int, lr: float, seed: in
     return summary
 
 
-def export(state_dir: Path, out_dir: Path, tile_px: int = 256) -> dict[str, float]:
-    """``colon-neoplasia.onnx`` (softmax over the 3 classes, ``tile_px`` tiles) from ``colon.pt``."""
+def export(state_dir: Path, out_dir: Path, tile_px: int = 256, zip_path: Path | None = None) -> dict[str, float]:
+    """``colon-neoplasia.onnx`` (softmax over the 3 classes, ``tile_px`` tiles) from ``colon.pt``; with
+    ``zip_path``, also the bundled test: the first Normal and the first Adenocarcinoma image of the ``report``
+    split (reflect-padded to ``tile_px``) and the torch network's output on them."""
     from zoo.train.export import export_onnx
+    from zoo.train.multiclass import bundle_test
 
     net = CDUNet(classes=len(CLASSES), base=16, colour_deconvolution=False)
     net.load_state_dict(torch.load(state_dir / "colon.pt", map_location="cpu"))
     path = out_dir / "colon-neoplasia.onnx"
-    return {"colon-neoplasia": export_onnx(net.eval(), (3, tile_px, tile_px), path, "image", "probabilities")}
+    res = {"colon-neoplasia": export_onnx(net.eval(), (3, tile_px, tile_px), path, "image", "probabilities")}
+    if zip_path is not None:
+        data = read_ebhi(zip_path)
+        rep = case_splits(data)["report"]
+        pick = [next(i for i in rep if data.categories[i] == c) for c in ("Normal", "Adenocarcinoma")]
+        lo = (tile_px - data.images.shape[1]) // 2
+        hi = tile_px - data.images.shape[1] - lo
+        x = np.pad(data.images[pick], ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode="reflect")
+        image = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        res["bundled_test_max_abs_diff_onnx_vs_torch"] = bundle_test(net, path, {"image": image})
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="export colon-neoplasia.onnx")
     e.add_argument("--state", type=Path, required=True, help="folder with colon.pt")
     e.add_argument("--out", type=Path, required=True, help="output folder")
+    e.add_argument("--test-from", type=Path, default=None, help="EBHI-Seg zip: also write the bundled test from it")
     m = sub.add_parser("mpp", help="the crypt diameters that give the images' um/px")
     m.add_argument("--zip", type=Path, default=ZIP, help="EBHI-Seg zip")
     a = ap.parse_args(argv)
@@ -250,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         s = train(a.out, a.zip, a.steps, a.batch, a.lr, a.seed)
         print(json.dumps(s["evaluation"]))
     elif a.cmd == "export":
-        print(json.dumps(export(a.state, a.out)))
+        print(json.dumps(export(a.state, a.out, zip_path=a.test_from)))
     else:
         d = crypt_diameters_px(read_ebhi(a.zip))
         print(json.dumps({"crypts": len(d), "diameter_px_25_50_75": np.percentile(d, [25, 50, 75]).round(1).tolist()}))

@@ -391,20 +391,30 @@ def family_main(
 def write_bundled_test(net: nn.Module, model: str, state_dir: Path, out_dir: Path, source: Path) -> float:
     """Copy ``source``'s input arrays to ``out_dir`` as the bundled test, with the torch network's output as the
     expected output; return the exported ONNX's largest difference from it on that input."""
-    import onnxruntime as ort
-
     net.load_state_dict(torch.load(state_dir / f"{model}.pt", map_location="cpu"))
     if source.suffix == ".npz":
         with np.load(source) as z:
             arrays = {k: np.asarray(z[k], np.float32) for k in z.files}
-        np.savez_compressed(out_dir / "test_input.npz", **arrays)  # type: ignore[arg-type]
     else:
         arrays = {"image": np.asarray(np.load(source), np.float32)}
+    return bundle_test(net, out_dir / f"{model}.onnx", arrays)
+
+
+def bundle_test(net: nn.Module, onnx_path: Path, arrays: dict[str, np.ndarray]) -> float:
+    """Write ``arrays`` (input name -> float32 NCHW; ``image`` first) beside ``onnx_path`` as ``test_input.npy``
+    (one input) or ``.npz`` (several), the torch network's output as ``test_expected.npy``; return the ONNX
+    file's largest difference from that output."""
+    import onnxruntime as ort
+
+    out_dir = onnx_path.parent
+    if len(arrays) > 1:
+        np.savez_compressed(out_dir / "test_input.npz", **arrays)  # type: ignore[arg-type]
+    else:
         np.save(out_dir / "test_input.npy", arrays["image"])
     with torch.no_grad():
         expected = net.eval()(*[torch.from_numpy(arrays[k]) for k in ("image", "context") if k in arrays]).numpy()
     np.save(out_dir / "test_expected.npy", expected)
-    sess = ort.InferenceSession(str(out_dir / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return float(np.abs(sess.run(None, arrays)[0] - expected).max())
 
 
