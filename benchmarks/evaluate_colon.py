@@ -8,7 +8,8 @@
    sensitivity and specificity.
 2. **``zoo run`` on mosaics** of the same report images (6 x 6 images, 1,344 px at 1.0 um/px, written as a
    tiled TIFF): per-class Dice of the whole pipeline (tissue pre-mask, overlapping tiles, blending) against
-   the mosaic of masks.
+   the mosaic of masks. A picture (``docs/images/colon-neoplasia-mosaic.jpg``): 4 report images each of
+   Normal, Polyp, Low-grade IN and Adenocarcinoma, beside their masks and zoo run's labels.
 3. **``zoo run`` on every shared slide** (none is colorectal: what it calls there is out-of-domain
    behaviour): the share of the tissue (as ``tissue-multires`` finds it) called Benign and Neoplasia.
 
@@ -105,7 +106,33 @@ def mosaics(rep: colon.Ebhi, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def mosaic_figures(entry: ModelEntry, rep: colon.Ebhi, work: Path, side: int) -> dict[str, Any]:
+def picture(entry: ModelEntry, rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Path, px: int = 560) -> None:
+    """JPEG of the image, the pathologists' masks and the model's labels (class colours at 50% over the image),
+    side by side, each ``px`` wide."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    colours = np.zeros((256, 3), np.float32)
+    for c in entry.foreground:
+        colours[c.index] = c.color
+    panels = []
+    for lab, title in ((None, "EBHI-Seg report cases"), (truth, "pathologists' masks"), (pred, "zoo run " + entry.id)):
+        im = rgb.astype(np.float32)
+        if lab is not None:
+            a = (lab > 0)[..., None] * 0.5
+            im = im * (1 - a) + colours[lab] * a
+        tile = Image.fromarray(im.astype(np.uint8)).resize((px, px), Image.Resampling.LANCZOS)
+        draw = ImageDraw.Draw(tile)
+        draw.rectangle((0, 0, px, 30), fill=(255, 255, 255))
+        draw.text((8, 4), title, fill=(0, 0, 0), font=ImageFont.load_default(size=20))
+        panels.append(tile)
+    out = Image.new("RGB", (px * 3 + 16, px), (255, 255, 255))
+    for k, tile in enumerate(panels):
+        out.paste(tile, (k * (px + 8), 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path, quality=85)
+
+
+def mosaic_figures(entry: ModelEntry, rep: colon.Ebhi, work: Path, side: int, pic: Path | None) -> dict[str, Any]:
     from PIL import Image
 
     from zoo.outputs import read_mask_tiff
@@ -119,6 +146,15 @@ def mosaic_figures(entry: ModelEntry, rep: colon.Ebhi, work: Path, side: int) ->
         mask, _, _ = read_mask_tiff(Path(run["result_folder"]) / "mask.tiff")
         preds.append(np.asarray(Image.fromarray(mask).resize(lab.shape[::-1], Image.Resampling.NEAREST)))
         truths.append(lab)
+    if pic is not None:  # one row per category, 4 report images each, so that both classes show
+        cats = np.array(rep.categories)
+        pick = np.concatenate([np.flatnonzero(cats == c)[:4] for c in ("Normal", "Polyp", "Low-grade IN",
+                                                                      "Adenocarcinoma")])  # fmt: skip
+        ((rgb, lab),) = mosaics(rep.subset(pick), 4)
+        path = write_tiff(work / "ebhi_picture.tif", rgb, colon.EBHI_MPP)
+        mask, _, _ = read_mask_tiff(Path(zoo_run(entry.id, path, work / "out-picture")["result_folder"]) / "mask.tiff")
+        pred = np.asarray(Image.fromarray(mask).resize(lab.shape[::-1], Image.Resampling.NEAREST))
+        picture(entry, rgb, lab, pred, pic)
     return {"mosaics": len(preds), "px": side * 224, "mpp": colon.EBHI_MPP, "zoo_run_seconds": round(seconds, 1),
             "dice": colon.dice_figures(np.stack(preds), np.stack(truths))}  # fmt: skip
 
@@ -171,6 +207,8 @@ def main() -> int:
     ap.add_argument("--zip", type=Path, default=SHARED / "ebhi-seg" / "ebhi-seg.zip", help="EBHI-Seg zip")
     ap.add_argument("--side", type=int, default=6, help="images per mosaic side")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    ap.add_argument("--picture", type=Path, default=ROOT / "docs/images/colon-neoplasia-mosaic.jpg",
+                    help="4 images of 4 categories, their masks and zoo run's labels, side by side (JPEG)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/evaluation_colon.json", help="JSON out")
     a = ap.parse_args()
     entry = load_registry().get(a.model)
@@ -181,7 +219,7 @@ def main() -> int:
     res["per_image"] = per_image_figures(entry, rep, a.bootstrap)
     print(json.dumps(res["per_image"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        res["mosaics"] = mosaic_figures(entry, rep, Path(tmp), a.side)
+        res["mosaics"] = mosaic_figures(entry, rep, Path(tmp), a.side, a.picture)
         print(json.dumps(res["mosaics"]), flush=True)
         res["slides"] = slide_figures(entry, Path(tmp))
     a.out.parent.mkdir(parents=True, exist_ok=True)
