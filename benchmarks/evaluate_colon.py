@@ -44,10 +44,8 @@ def engine_labels(entry: ModelEntry, images: np.ndarray) -> tuple[np.ndarray, fl
     from zoo.registry import verified_weights
 
     model = OnnxModel(verified_weights(entry, load_registry()), entry, ["CPUExecutionProvider"], 2)
-    tile = entry.input.patch_size_px[0]
     h = images.shape[1]
-    lo = (tile - h) // 2
-    padded = np.pad(images, ((0, 0), (lo, tile - h - lo), (lo, tile - h - lo), (0, 0)), mode="reflect")
+    padded, lo = colon.pad_to_tile(images, entry.input.patch_size_px[0])
     x = model.preprocess(padded)
     model.predict(x[:8])
     t = time.perf_counter()
@@ -132,29 +130,31 @@ def picture(entry: ModelEntry, rgb: np.ndarray, truth: np.ndarray, pred: np.ndar
     out.save(path, quality=85)
 
 
-def mosaic_figures(entry: ModelEntry, rep: colon.Ebhi, work: Path, side: int, pic: Path | None) -> dict[str, Any]:
+def run_labels(entry: ModelEntry, rgb: np.ndarray, tif: Path, out: Path) -> tuple[np.ndarray, float]:
+    """``zoo run`` on ``rgb`` written to ``tif`` at 1.0 um/px: its labels at ``rgb``'s size, and the job's seconds."""
     from PIL import Image
 
     from zoo.outputs import read_mask_tiff
 
+    run = zoo_run(entry.id, write_tiff(tif, rgb, colon.EBHI_MPP), out)
+    mask, _, _ = read_mask_tiff(Path(run["result_folder"]) / "mask.tiff")
+    return np.asarray(Image.fromarray(mask).resize(rgb.shape[1::-1], Image.Resampling.NEAREST)), float(run["seconds"])
+
+
+def mosaic_figures(entry: ModelEntry, rep: colon.Ebhi, work: Path, side: int, pic: Path | None) -> dict[str, Any]:
     preds, truths = [], []
     seconds = 0.0
     for k, (rgb, lab) in enumerate(mosaics(rep, side)):
-        path = write_tiff(work / f"ebhi_{k}.tif", rgb, colon.EBHI_MPP)
-        run = zoo_run(entry.id, path, work / "out-mosaics")
-        seconds += float(run["seconds"])
-        mask, _, _ = read_mask_tiff(Path(run["result_folder"]) / "mask.tiff")
-        preds.append(np.asarray(Image.fromarray(mask).resize(lab.shape[::-1], Image.Resampling.NEAREST)))
+        pred, s = run_labels(entry, rgb, work / f"ebhi_{k}.tif", work / "out-mosaics")
+        preds.append(pred)
         truths.append(lab)
+        seconds += s
     if pic is not None:  # one row per category, 4 report images each, so that both classes show
         cats = np.array(rep.categories)
         pick = np.concatenate([np.flatnonzero(cats == c)[:4] for c in ("Normal", "Polyp", "Low-grade IN",
                                                                       "Adenocarcinoma")])  # fmt: skip
         ((rgb, lab),) = mosaics(rep.subset(pick), 4)
-        path = write_tiff(work / "ebhi_picture.tif", rgb, colon.EBHI_MPP)
-        mask, _, _ = read_mask_tiff(Path(zoo_run(entry.id, path, work / "out-picture")["result_folder"]) / "mask.tiff")
-        pred = np.asarray(Image.fromarray(mask).resize(lab.shape[::-1], Image.Resampling.NEAREST))
-        picture(entry, rgb, lab, pred, pic)
+        picture(entry, rgb, lab, run_labels(entry, rgb, work / "ebhi_picture.tif", work / "out-picture")[0], pic)
     return {"mosaics": len(preds), "px": side * 224, "mpp": colon.EBHI_MPP, "zoo_run_seconds": round(seconds, 1),
             "dice": colon.dice_figures(np.stack(preds), np.stack(truths))}  # fmt: skip
 

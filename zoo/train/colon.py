@@ -221,12 +221,18 @@ def train(out: Path, zip_path: Path, steps: int, batch: int, lr: float, seed: in
     return summary
 
 
+def pad_to_tile(images: np.ndarray, tile_px: int) -> tuple[np.ndarray, int]:
+    """(N, H, H, 3) images reflect-padded to ``tile_px`` square, and the offset (px) of the original in them."""
+    lo = (tile_px - images.shape[1]) // 2
+    hi = tile_px - images.shape[1] - lo
+    return np.pad(images, ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode="reflect"), lo
+
+
 def export(state_dir: Path, out_dir: Path, tile_px: int = 256, zip_path: Path | None = None) -> dict[str, float]:
     """``colon-neoplasia.onnx`` (softmax over the 3 classes, ``tile_px`` tiles) from ``colon.pt``; with
     ``zip_path``, also the bundled test: the first Normal and the first Adenocarcinoma image of the ``report``
     split (reflect-padded to ``tile_px``) and the torch network's output on them."""
-    from zoo.train.export import export_onnx
-    from zoo.train.multiclass import bundle_test
+    from zoo.train.export import bundle_test, export_onnx
 
     net = CDUNet(classes=len(CLASSES), base=16, colour_deconvolution=False)
     net.load_state_dict(torch.load(state_dir / "colon.pt", map_location="cpu"))
@@ -236,9 +242,7 @@ def export(state_dir: Path, out_dir: Path, tile_px: int = 256, zip_path: Path | 
         data = read_ebhi(zip_path)
         rep = case_splits(data)["report"]
         pick = [next(i for i in rep if data.categories[i] == c) for c in ("Normal", "Adenocarcinoma")]
-        lo = (tile_px - data.images.shape[1]) // 2
-        hi = tile_px - data.images.shape[1] - lo
-        x = np.pad(data.images[pick], ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode="reflect")
+        x, _ = pad_to_tile(data.images[pick], tile_px)
         image = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
         res["bundled_test_max_abs_diff_onnx_vs_torch"] = bundle_test(net, path, {"image": image})
     return res
