@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from make_big_slide import make_big_slide  # noqa: E402
+from make_colon_slide import make_colon_slide  # noqa: E402
 from make_lymph_node_slide import make_lymph_node_slide  # noqa: E402
 
 from zoo.registry import ModelEntry, load_registry  # noqa: E402
@@ -44,9 +45,12 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def slide_for(entry: ModelEntry) -> Path:
-    """Tissue models: the TCGA mosaic; tumour and multi-class models: the lymph-node slide."""
+    """Tissue models: the TCGA mosaic; a colorectal model: the EBHI-Seg mosaic; tumour and other multi-class
+    models: the lymph-node slide."""
     if entry.task == "tissue-segmentation":
         return make_big_slide(SHARED / "slides/tcga-cr-7395-01a-01-ts1.svs", RESULTS / "big_mosaic.tiff")
+    if "colorectal" in str(entry.provenance.get("domain", "")):
+        return make_colon_slide(RESULTS / "colon.tiff")
     return make_lymph_node_slide(RESULTS / "lymph_node.tiff")
 
 

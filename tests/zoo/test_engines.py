@@ -33,10 +33,11 @@ def _entry_yaml(path: Path, extra: str) -> Path:
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        ("    precisions: {bf16: {engines: [openvino], min_dice: 0.99, max_abs_diff: 0.1}}\n", "must include fp32"),
+        ("    precisions: {bf16: {engines: [openvino], min_dice: 0.999, max_abs_diff: 0.1}}\n", "must include fp32"),
         ("    precisions: {fp32: {}, int8: {}}\n", "int8 needs its own quantised weights"),
         ("    precisions: {fp32: {}, bf16: {engines: [openvino]}}\n", "need a bundled test"),
         ("    precisions: {fp32: {engines: [tensorflow]}}\n", "precisions"),
+        ("    precisions: {fp32: {}, bf16: {engines: [openvino], min_dice: 0.9}}\n", "add a reason"),
     ],
 )
 def test_registry_refuses_bad_precisions(extra: str, needle: str, darkness_registry: Path) -> None:
@@ -86,6 +87,25 @@ def test_auto_picks_the_fastest_passing_combination() -> None:
     assert select_engine(peer, reg).precision == "fp32"
     with pytest.raises(ProviderError, match="not allowed by its registry entry"):
         select_engine(entry, reg, "onnxruntime", "bf16")
+
+
+@pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))
+def test_a_stated_label_agreement_is_enforced() -> None:
+    """A model whose bf16 threshold is stated per entry (with its reason) passes at it and fails above what bf16
+    reproduces: the share of label pixels equal to fp32's is checked, not only the per-class Dice."""
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("this CPU has no bf16 arithmetic")
+    reg = load_registry()
+    entry = reg.get("colon-neoplasia@1.0.0")
+    spec = entry.precisions["bf16"]
+    assert spec.reason and spec.min_agreement >= 0.999
+    res = check_precision(entry, reg, "openvino", "bf16")
+    assert res["ok"] and spec.min_agreement <= res["agreement"] < 1.0, res
+    strict = entry.model_copy(
+        update={"precisions": {**entry.precisions, "bf16": spec.model_copy(update={"min_agreement": 1.0})}}
+    )
+    res = check_precision(strict, reg, "openvino", "bf16")
+    assert not res["ok"] and "labels as fp32" in res["detail"], res
 
 
 def test_run_records_engine_and_precision(cmu_slide: Path, tmp_path: Path) -> None:
