@@ -15,12 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from evaluate_colon import mosaics  # noqa: E402
 from make_big_slide import make_big_slide  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -35,13 +34,14 @@ def make_colon_slide(out: Path, side: int = 18) -> Path:
     if out.exists():
         return out
     data = colon.read_ebhi(SHARED / "ebhi-seg" / "ebhi-seg.zip")
-    im = data.images[colon.case_splits(data, 0)["report"][: side * side]]
-    if len(im) < side * side:
-        raise ValueError(f"--side {side}: the report half holds {len(im)} images; use --side {int(len(im) ** 0.5)}")
-    rgb = np.concatenate([np.concatenate(list(im[r * side : (r + 1) * side]), 1) for r in range(side)], 0)
+    report = colon.case_splits(data, 0)["report"]
+    if len(report) < side * side:
+        n = len(report)
+        raise ValueError(f"--side {side}: the report half holds {n} images; use --side {int(n**0.5)} or less")
+    ((rgb, _),) = mosaics(data.subset(report[: side * side]), side)
     with tempfile.TemporaryDirectory() as tmp:
         flat = Path(tmp) / "flat.tiff"
-        tifffile.imwrite(flat, np.ascontiguousarray(rgb), photometric="rgb", tile=(256, 256))
+        tifffile.imwrite(flat, rgb, photometric="rgb", tile=(256, 256))
         make_big_slide(flat, out, n=1, mpp=colon.EBHI_MPP)
     return out
 
