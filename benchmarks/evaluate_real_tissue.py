@@ -114,7 +114,8 @@ def precision_figures(entries: list[ModelEntry], zip_path: Path) -> dict[str, An
             if why:
                 out[key] = {"skipped": why}
                 continue
-            model = OnnxModel(verified_weights(e, reg), e, ["CPUExecutionProvider"], 2, None, engine, precision, 64)
+            path = verified_weights(e, reg, precision)
+            model = OnnxModel(path, e, ["CPUExecutionProvider"], 2, None, engine, precision, 64)
             x = model.preprocess(images)
             model.predict(x[:64])  # warm-up
             t0 = time.perf_counter()
@@ -155,9 +156,14 @@ def write_tiff(path: Path, rgb: np.ndarray, mpp: float) -> Path:
     return path
 
 
+#: ``--precision P`` for the tumour models' runs (``--precision``; the tissue model always runs as ``auto``)
+MODEL_ARGS: list[str] = []
+
+
 def zoo_run(model: str, slide: Path, out: Path, *extra: str) -> dict[str, Any]:
     """``zoo run`` in a child process; its run.json."""
     cmd = [sys.executable, "-m", "zoo.cli", "run", model, str(slide), "--out", str(out), "--json", "--no-progress"]
+    extra = (*extra, *MODEL_ARGS) if not model.startswith("tissue-multires") else extra
     r = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"zoo run {model} {slide}: {r.stderr.strip()}")
@@ -347,8 +353,11 @@ def main() -> int:
     ap.add_argument("--seamless", type=int, default=8, help="seamless composites with tumour (half as many without)")
     ap.add_argument("--parts", nargs="*", default=["pcam", "precisions", "mosaics", "slides", "seamless"],
                     help="which parts to run")  # fmt: skip
+    ap.add_argument("--precision", default="auto", help="zoo run --precision for the tumour models' first network")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/evaluation_real_tissue.json")
     a = ap.parse_args()
+    if a.precision != "auto":
+        MODEL_ARGS[:] = ["--precision", a.precision]
     zip_path = SHARED / "pcam/pcam-ai4all-trainval.zip"
     entries = tumour_models(a.models)
     res: dict[str, Any] = {"command": "python benchmarks/evaluate_real_tissue.py " + " ".join(sys.argv[1:])}

@@ -160,6 +160,10 @@ class PrecisionSpec(_Strict):
     )
     max_abs_diff: float = Field(1e-4, gt=0, description="largest |probability difference| against float32")
     reason: str | None = Field(None, description="why these thresholds hold: the held-out figures they rest on")
+    weights: WeightsSpec | None = Field(
+        None, description="a converted copy of the network this precision runs (int8: quantised), pinned by sha256"
+    )
+    made_by: str | None = Field(None, description="the command that made ``weights`` from the fp32 file")
 
     @model_validator(mode="after")
     def _lower_thresholds_say_why(self) -> PrecisionSpec:
@@ -167,6 +171,10 @@ class PrecisionSpec(_Strict):
             raise ValueError(
                 f"min_dice {self.min_dice} / min_agreement {self.min_agreement} are below 0.999: add a reason "
                 "naming the held-out figures (and their command) that show the precision keeps the model's quality"
+            )
+        if self.weights is not None and not self.made_by:
+            raise ValueError(
+                f"weights {self.weights.uri!r} need made_by: the command that made them from the fp32 file"
             )
         return self
 
@@ -304,7 +312,11 @@ class ModelEntry(_Strict):
     )
     precisions: dict[Precision, PrecisionSpec] = Field(
         default_factory=lambda: dict[Precision, PrecisionSpec](
-            {"fp32": PrecisionSpec(min_dice=1.0, min_agreement=0.0, max_abs_diff=1e-4, reason=None)}
+            {
+                "fp32": PrecisionSpec(
+                    min_dice=1.0, min_agreement=0.0, max_abs_diff=1e-4, reason=None, weights=None, made_by=None
+                )
+            }
         ),
         description="precisions (and engines) the model may run at, each with the tolerance it must meet",
     )
@@ -325,8 +337,7 @@ class ModelEntry(_Strict):
         _check_output_channels(self.output, self.classes, "output")
         if "fp32" not in self.precisions:
             raise ValueError("precisions must include fp32 (the reference every other precision is checked against)")
-        if "int8" in self.precisions:
-            raise ValueError("int8 needs its own quantised weights, which this registry schema does not pin yet")
+        _check_precision_weights(self.precisions, "precisions")
         if set(self.precisions) - {"fp32"} and self.test is None:
             raise ValueError("precisions other than fp32 need a bundled test to be verified against")
         if self.kind == "patch-classification" or (self.kind == "cascade" and self.output.layout == "NC"):
@@ -386,6 +397,7 @@ class ModelEntry(_Strict):
                 raise ValueError(f"{where}: mean/std need {st.input.channels} values")
             if st.precisions is not None and "fp32" not in st.precisions:
                 raise ValueError(f"{where}: precisions must include fp32")
+            _check_precision_weights(st.precisions or {}, f"{where} precisions")
             if st.output.layout == "NC":
                 raise ValueError(f"{where}: a later stage must output maps (NCHW/NHWC), not one vector")
             _check_output_channels(st.output, self.classes, f"{where} output")
@@ -436,12 +448,28 @@ class ModelEntry(_Strict):
         """Classes other than index 0 (background)."""
         return [c for c in self.classes if c.index != 0]
 
+    def weights_for(self, precision: str = "fp32") -> WeightsSpec:
+        """The file ``precision`` runs: its own converted copy (int8's quantised network), else the fp32 file."""
+        spec = self.precisions.get(precision)  # type: ignore[call-overload]
+        return spec.weights if spec is not None and spec.weights is not None else self.weights
+
     def pinned_sha256(self) -> list[str]:
         """sha256 of the ONNX file, then of each external-data file, in ``weights.files`` order, for every stage."""
         out = []
         for w in [self.weights, *(st.weights for st in self.stages)]:
             out += [w.sha256, *(f.sha256 for f in w.files)]
         return out
+
+
+def _check_precision_weights(precisions: dict[Precision, PrecisionSpec], where: str) -> None:
+    """fp32 runs the entry's own file; int8 needs its quantised copy (an engine cannot make one on the fly)."""
+    if "fp32" in precisions and precisions["fp32"].weights is not None:
+        raise ValueError(f"{where}.fp32: the reference runs the entry's weights; remove its weights")
+    if "int8" in precisions and precisions["int8"].weights is None:
+        raise ValueError(
+            f"{where}.int8 needs weights: a quantised copy pinned by sha256 "
+            "(make one with python -m zoo.train.quantise)"
+        )
 
 
 def _file_key(name: str) -> str:
@@ -649,13 +677,15 @@ def _download(url: str, dest: Path) -> None:
         ) from err
 
 
-def verified_weights(entry: ModelEntry, registry: Registry) -> Path:
-    """Path to ``entry``'s ONNX file after checking it and every file it loads (see :func:`verified_model_files`)."""
-    return verified_model_files(entry, registry)[0]
+def verified_weights(entry: ModelEntry, registry: Registry, precision: str = "fp32") -> Path:
+    """Path to the ONNX file ``precision`` runs after checking it and every file it loads (see
+    :func:`verified_model_files`)."""
+    return verified_model_files(entry, registry, precision)[0]
 
 
-def verified_model_files(entry: ModelEntry, registry: Registry) -> list[Path]:
-    """The ONNX file, then each external-data file, after checking every sha256.
+def verified_model_files(entry: ModelEntry, registry: Registry, precision: str = "fp32") -> list[Path]:
+    """The ONNX file ``precision`` runs (:meth:`ModelEntry.weights_for`), then each external-data file, after
+    checking every sha256.
 
     Raises:
         WeightsNotFoundError: a file is missing, a folder, or cannot be downloaded.
@@ -663,14 +693,16 @@ def verified_model_files(entry: ModelEntry, registry: Registry) -> list[Path]:
         RegistryError: the ONNX file loads a file that is not pinned in ``weights.files``,
             or one outside its own folder.
     """
-    path = registry.resolve(entry.weights.uri)
-    if not path.exists() and urlparse(entry.weights.uri).scheme in ("http", "https"):
-        _download(entry.weights.uri, path)
-    _check_pinned(path, entry.weights.sha256, entry, registry, "weights.uri")
-    extra = [path.parent / f.path for f in entry.weights.files]
-    for f, p in zip(entry.weights.files, extra):
-        _check_pinned(p, f.sha256, entry, registry, f"weights.files {f.path!r}")
-    pinned = {Path(f.path).as_posix() for f in entry.weights.files}
+    weights = entry.weights_for(precision)
+    field = "weights" if weights is entry.weights else f"precisions.{precision}.weights"
+    path = registry.resolve(weights.uri)
+    if not path.exists() and urlparse(weights.uri).scheme in ("http", "https"):
+        _download(weights.uri, path)
+    _check_pinned(path, weights.sha256, entry, registry, f"{field}.uri")
+    extra = [path.parent / f.path for f in weights.files]
+    for f, p in zip(weights.files, extra):
+        _check_pinned(p, f.sha256, entry, registry, f"{field}.files {f.path!r}")
+    pinned = {Path(f.path).as_posix() for f in weights.files}
     for loc in onnx_external_data(path):
         lp = Path(loc)
         inside = (path.parent / lp).resolve().is_relative_to(path.parent.resolve())
@@ -774,7 +806,7 @@ def _check_pinned(path: Path, sha256: str, entry: ModelEntry, registry: Registry
     got = sha256_file(path)
     if got != sha256:
         raise ChecksumMismatchError(
-            f"{path}: sha256 {got[:16]}… does not match {sha256[:16]}… pinned for {entry.id}; "
+            f"{path}: sha256 {got[:16]}… does not match {sha256[:16]}… pinned for {entry.id} ({field_name}); "
             "the file is corrupt or was replaced: restore the original, or register the new file "
             "as a new version"
         )

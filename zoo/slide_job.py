@@ -104,12 +104,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+def converted_sha256(entry: ModelEntry) -> dict[str, str]:
+    """``{stage/precision: sha256}`` of the converted copies (int8) an entry registers: a result made before
+    one was registered, when ``auto`` could not pick it, is not reused."""
+    return {
+        f"{name}/{p}": spec.weights.sha256
+        for name, view in entry.networks()
+        for p, spec in view.precisions.items()
+        if spec.weights is not None
+    }
+
+
 def request_of(cfg: JobConfig, entry: ModelEntry) -> dict[str, Any]:
     """The options that change a result (not speed options such as threads or batch size)."""
     r = cfg.run
     return {
         "model": entry.id,
         "sha256": entry.weights.sha256 if not entry.stages else entry.pinned_sha256(),
+        **({"converted_sha256": converted} if (converted := converted_sha256(entry)) else {}),
         "target_mpp": r.target_mpp,
         "level": r.level,
         "slide_mpp": r.slide_mpp,
@@ -244,8 +256,17 @@ class Resolved:
 
     @property
     def files(self) -> list[Path]:
-        """Every pinned file, stage by stage."""
+        """Every pinned file that runs, stage by stage."""
         return [p for name, _ in self.entry.networks() for p in self.stage_files[name]]
+
+    @property
+    def files_sha256(self) -> list[str]:
+        """The pinned sha256 of each of :attr:`files`."""
+        out = []
+        for name, view in self.entry.networks():
+            w = view.weights_for(self.stage_engines[name].precision)
+            out += [w.sha256, *(f.sha256 for f in w.files)]
+        return out
 
 
 def resolve(
@@ -256,7 +277,6 @@ def resolve(
     from zoo.verify import select_engine
 
     networks = entry.networks()
-    stage_files = {name: verified_model_files(view, reg) for name, view in networks}
 
     def choose(view: ModelEntry, precision: str) -> EngineChoice:
         gpu = gpu_engines(view, cfg.engine, cfg.run.providers, cfg.run.device)
@@ -264,6 +284,8 @@ def resolve(
 
     engine = choose(entry, cfg.precision)
     stage_engines = {name: engine if view is entry else choose(view, "auto") for name, view in networks}
+    # the files each network runs: its precision's own copy (int8) or the fp32 file
+    stage_files = {name: verified_model_files(view, reg, stage_engines[name].precision) for name, view in networks}
     return Resolved(slide_path, cfg, reg, entry, dest, rerun_reason, stage_files, engine, stage_engines)
 
 

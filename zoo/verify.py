@@ -32,7 +32,7 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
     from zoo.runner import labels_from_probabilities
 
     spec = entry.precisions[precision]  # type: ignore[index]
-    key = (entry.id, entry.weights.sha256, engine, precision, repr(spec))
+    key = (entry.id, entry.weights_for(precision).sha256, engine, precision, repr(spec))
     if key in _CHECKED:
         return _CHECKED[key]
     base = {
@@ -45,7 +45,7 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
     reason = engine_unavailable(engine, precision)
     if reason:
         return {**base, "ok": False, "skipped": reason}
-    path = verified_weights(entry, registry)
+    path = verified_weights(entry, registry, precision)
     if entry.test is None:
         res = {**base, "ok": precision == "fp32", "skipped": None if precision == "fp32" else "no bundled test"}
         _CHECKED[key] = res
@@ -122,7 +122,8 @@ def verify_network(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
     Raises:
         ChecksumMismatchError, WeightsNotFoundError: the weights are not the pinned ones.
     """
-    verified_weights(entry, registry)
+    for precision in entry.precisions:  # the fp32 file and every precision's own copy
+        verified_weights(entry, registry, precision)
     if entry.test is None:
         return {"model": entry.id, "ok": True, "detail": "sha256 ok; no bundled test", "checks": []}
     checks = [

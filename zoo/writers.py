@@ -156,7 +156,7 @@ def write_run_json(done: Predicted, work: Path, outputs: dict[str, str]) -> None
             "id": entry.id,
             "kind": entry.kind,
             "sha256": entry.weights.sha256,
-            "files": [{"path": str(p), "sha256": s} for p, s in zip(files, entry.pinned_sha256())],
+            "files": [{"path": str(p), "sha256": s} for p, s in zip(files, job.files_sha256)],
             "stages": {n: {"engine": e.engine, "precision": e.precision} for n, e in job.stage_engines.items()},
             "weights": str(files[0]),
             "licence": entry.licence,

@@ -24,6 +24,9 @@ ENGINES = [
 ]
 
 
+SHA = "a" * 64  # a well-formed sha256 (the file is never reached)
+
+
 def _entry_yaml(path: Path, extra: str) -> Path:
     text = path.read_text().replace("    licence: MIT", extra + "    licence: MIT", 1)
     path.write_text(text)
@@ -34,7 +37,9 @@ def _entry_yaml(path: Path, extra: str) -> Path:
     ("extra", "needle"),
     [
         ("    precisions: {bf16: {engines: [openvino], min_dice: 0.999, max_abs_diff: 0.1}}\n", "must include fp32"),
-        ("    precisions: {fp32: {}, int8: {}}\n", "int8 needs its own quantised weights"),
+        ("    precisions: {fp32: {}, int8: {}}\n", "int8 needs weights: a quantised copy"),
+        (f"    precisions: {{fp32: {{weights: {{uri: d.onnx, sha256: {SHA}}}, made_by: x}}}}\n", "remove its weights"),
+        (f"    precisions: {{fp32: {{}}, int8: {{weights: {{uri: d.onnx, sha256: {SHA}}}}}}}\n", "need made_by"),
         ("    precisions: {fp32: {}, bf16: {engines: [openvino]}}\n", "need a bundled test"),
         ("    precisions: {fp32: {engines: [tensorflow]}}\n", "precisions"),
         ("    precisions: {fp32: {}, bf16: {engines: [openvino], min_dice: 0.9}}\n", "add a reason"),
@@ -106,6 +111,71 @@ def test_a_stated_label_agreement_is_enforced() -> None:
     )
     res = check_precision(strict, reg, "openvino", "bf16")
     assert not res["ok"] and "labels as fp32" in res["detail"], res
+
+
+VNNI = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+INT8_ENGINES = [
+    pytest.param("onnxruntime", marks=pytest.mark.skipif(not VNNI, reason="this CPU has no int8 arithmetic (VNNI)")),
+    pytest.param(
+        "openvino", marks=pytest.mark.skipif(OPENVINO is not None or not VNNI, reason=str(OPENVINO or "no VNNI"))
+    ),
+]
+
+
+@pytest.mark.parametrize("engine", INT8_ENGINES)
+def test_int8_runs_its_own_pinned_file_and_meets_its_threshold(engine: str) -> None:
+    """int8 runs the entry's quantised copy (not the fp32 file at a lower hint), checked against fp32's output."""
+    reg = load_registry()
+    entry = reg.get("tumour-tiles@1.2.0")
+    w = entry.weights_for("int8")
+    assert w.uri.endswith("-int8.onnx") and w.sha256 != entry.weights.sha256
+    assert entry.weights_for("bf16") is entry.weights  # other precisions run the fp32 file
+    res = check_precision(entry, reg, engine, "int8")
+    assert res["ok"] and res["agreement"] >= entry.precisions["int8"].min_agreement, res
+    assert 0 < res["max_abs_diff"] <= entry.precisions["int8"].max_abs_diff  # really another network, within bounds
+
+
+def test_int8_is_refused_where_it_cannot_run() -> None:
+    assert "not on a GPU" in str(engine_unavailable("onnxruntime", "int8", device=0))
+    assert "not fp16" in str(engine_unavailable("onnxruntime", "fp16"))
+    reg = load_registry()
+    with pytest.raises(ProviderError, match="not allowed by its registry entry"):
+        select_engine(reg.get("tissue-multires"), reg, "auto", "int8")  # no quantised copy registered
+
+
+@pytest.mark.skipif(OPENVINO is not None or not VNNI, reason=str(OPENVINO or "this CPU has no VNNI"))
+def test_run_with_int8_records_the_quantised_file(lymph_node_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    r = run_zoo("run", "tumour-tiles@1.2.0", str(lymph_node_slide), "--out", str(out), "--format", "tiff")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / lymph_node_slide.stem / "run.json").read_text())
+    entry = load_registry().get("tumour-tiles@1.2.0")
+    assert (run["engine"]["engine"], run["engine"]["precision"]) == ("openvino", "int8")  # auto: the fastest here
+    assert run["model"]["files"][0]["sha256"] == entry.weights_for("int8").sha256
+    assert run["model"]["files"][0]["path"].endswith("tumour-tiles-int8.onnx")
+    assert run["request"]["converted_sha256"] == {"main/int8": entry.weights_for("int8").sha256}
+
+
+def test_a_tampered_int8_file_stops_the_run_before_any_output(cmu_slide: Path, tmp_path: Path) -> None:
+    """Every precision's pinned file is checked before a run starts, even one auto might not pick."""
+    import shutil
+
+    from zoo.registry import load_registry as load
+
+    reg = load()
+    dst = tmp_path / "reg"
+    (dst / "models/tumour-tiles").mkdir(parents=True)
+    shutil.copytree(reg.root / "models/tumour-tiles/1.2.0", dst / "models/tumour-tiles/1.2.0")
+    shutil.copy(reg.root / "registry.yaml", dst / "registry.yaml")
+    q = dst / load(dst / "registry.yaml").get("tumour-tiles@1.2.0").weights_for("int8").uri
+    data = bytearray(q.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    q.write_bytes(bytes(data))
+    out = tmp_path / "o"
+    reg_file = str(dst / "registry.yaml")
+    r = run_zoo("--registry", reg_file, "run", "tumour-tiles@1.2.0", str(cmu_slide), "--out", str(out))
+    assert r.returncode == 1 and "precisions.int8.weights.uri" in r.stderr and "sha256" in r.stderr, r.stderr
+    assert not out.exists() or not any(out.rglob("*")), "no partial output"
 
 
 def test_run_records_engine_and_precision(cmu_slide: Path, tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 from zoo.cli.common import int_at_least, nonneg_float, positive_float
 from zoo.engines import ENGINES
+from zoo.registry import Precision
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -70,9 +72,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=["auto", *get_args(Precision)],
         default="auto",
-        help="arithmetic precision; each is verified against fp32 on the model's bundled test before use",
+        help="arithmetic precision (int8: the entry's quantised copy); each is verified against fp32 on the model's "
+        "bundled test before use",
     )
     p.add_argument(
         "--all-tiles",

@@ -90,7 +90,8 @@ def check_request(args: argparse.Namespace, reg: Any, entry: Any) -> None:
     if args.device is not None and args.engine == "onnxruntime":
         check_providers(["CUDAExecutionProvider"])
     for _, view in entry.networks():  # a tampered or mismatched network, any stage, fails once, before any output
-        verified_model_files(view, reg)
+        for precision in view.precisions:  # the fp32 file and each precision's own copy (int8)
+            verified_model_files(view, reg, precision)
     gpu = gpu_engines(entry, args.engine, args.providers, args.device)
     if args.device is not None and not gpu:  # never a silent fall-back to the CPU
         raise ProviderError(

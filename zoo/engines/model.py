@@ -13,7 +13,7 @@ import numpy as np
 from zoo.engines import ENGINES, engine_module
 from zoo.engines.common import Engine, LoadOptions
 from zoo.errors import ModelOutputError, ProviderError
-from zoo.registry import ModelEntry
+from zoo.registry import InputSpec, ModelEntry
 
 #: how far outside [0, 1] a probability may stray (float rounding in the engines' softmax/sigmoid)
 PROBABILITY_SLACK = 1e-3
@@ -71,15 +71,7 @@ class OnnxModel:
             for c, k in enumerate(src):
                 np.take(lut[c], tiles[..., k], out=out[:, c] if nchw else out[..., c])
             return out
-        x: np.ndarray = tiles.astype(np.float32)
-        if spec.channel_order == "BGR":
-            x = x[..., ::-1]
-        elif spec.channel_order == "grey":
-            x = x @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
-        x = (x * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-        if spec.layout == "NCHW":
-            x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return normalise(tiles, spec)
 
     def _lut(self) -> np.ndarray:
         """(3, 256) float32: the normalised value of each grey level, per network input channel."""
@@ -123,6 +115,20 @@ class OnnxModel:
         if isinstance(x, dict):
             return self.predict_feeds(x)
         return to_probabilities(self.raw(x), self.entry)
+
+
+def normalise(tiles: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(N, H, W, C) tiles to the network's float32 input: the registry's channel order, scale, mean, std
+    and layout, in float32 arithmetic on every pixel (:meth:`OnnxModel.preprocess` uses a table for uint8)."""
+    x: np.ndarray = tiles.astype(np.float32)
+    if spec.channel_order == "BGR":
+        x = x[..., ::-1]
+    elif spec.channel_order == "grey":
+        x = x @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
+    x = (x * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if spec.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def to_probabilities(raw: np.ndarray, entry: ModelEntry) -> np.ndarray:

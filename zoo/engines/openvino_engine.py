@@ -1,4 +1,5 @@
-"""The ``openvino`` engine: the pinned ONNX file compiled by OpenVINO on the CPU at fp32, bf16 or fp16.
+"""The ``openvino`` engine: the pinned ONNX file compiled by OpenVINO on the CPU at fp32, bf16 or fp16 (int8: the
+quantised file).
 
 OpenVINO is always given its precision explicitly (left to itself it picks bf16 on CPUs that have it).
 Three things make it faster without changing what is computed (``zoo verify`` checks the result):
@@ -22,8 +23,9 @@ from zoo.engines.common import LoadOptions, Normaliser, check_io_names, cpu_lack
 from zoo.errors import ModelInputError, ProviderError
 from zoo.registry import InputSpec, ModelEntry
 
-#: zoo precision names to OpenVINO element types (INFERENCE_PRECISION_HINT)
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+#: zoo precision names to OpenVINO element types (INFERENCE_PRECISION_HINT); int8 runs its quantised file,
+#: whose QuantizeLinear/DequantizeLinear pairs OpenVINO turns into int8 convolutions, the rest in f32
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
 def unavailable(precision: str, device: int | None = None) -> str | None:

@@ -17,7 +17,12 @@ from zoo.registry import ModelEntry
 #: Expected speed order on a CPU (fastest first), measured with ``benchmarks/bench_runner.py --big --mpp 2``:
 #: bf16 on OpenVINO ran 1.9x ONNX Runtime fp32; ONNX Runtime fp32 ran 1.01-1.06x faster than OpenVINO fp32
 #: (``--engines onnxruntime:fp32 openvino:fp32``). An engine not listed comes after these.
-CPU_PREFERENCE = [("openvino", "bf16"), ("openvino", "fp16"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
+#: int8 (a quantised copy; only where an entry registers one) on OpenVINO ran 1.6-1.8x bf16 and on ONNX Runtime
+#: 2.3x its fp32 (tumour-tiles 1.2.0, ``benchmarks/evaluate_real_tissue.py --parts precisions``).
+CPU_PREFERENCE = [
+    ("openvino", "int8"), ("openvino", "bf16"), ("onnxruntime", "int8"), ("openvino", "fp16"), ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+]  # fmt: skip
 
 #: Expected speed order on a CUDA GPU (fastest first), from inference alone on an H100
 #: (``benchmarks/bench_gpu_torch.py``: fp16 >= bf16 > fp32 at batch 128); not yet confirmed end to end
