@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ZOO_SHARED_DATA", REPO.parent / "shared" / "data"))
 BUNDLED_SLIDE = REPO / "zoo" / "data" / "cmu-1-small-region.svs"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fresh_engine_checks() -> Iterator[None]:
+    """Every run in the tests checks its engine afresh (``ZOO_CHECK_CACHE=0``, inherited by the CLI's child
+    processes): no result depends on, or writes to, the user's cache; tests/zoo/test_engines.py tests the cache."""
+    before = os.environ.get("ZOO_CHECK_CACHE")
+    os.environ["ZOO_CHECK_CACHE"] = "0"
+    yield
+    if before is None:
+        os.environ.pop("ZOO_CHECK_CACHE", None)
+    else:
+        os.environ["ZOO_CHECK_CACHE"] = before
 
 
 def run_zoo(*args: str, check: bool = False, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,10 @@ fastest allowed combination that this machine can run and that passes.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +23,72 @@ from zoo.errors import ModelOutputError, ProviderError, RegistryError
 from zoo.registry import ModelEntry, Registry, verified_weights
 
 _CHECKED: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
+
+#: engine name -> the distribution whose version a remembered check depends on
+ENGINE_DISTRIBUTIONS = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",), "torch": ("torch",),
+}  # fmt: skip
+
+
+def check_cache_dir() -> Path | None:
+    """Where passed checks are remembered between runs (``$ZOO_CACHE/checks``); None when
+    ``ZOO_CHECK_CACHE=0``."""
+    if os.environ.get("ZOO_CHECK_CACHE", "1") == "0":
+        return None
+    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "pathology-zoo")) / "checks"
+
+
+def _remembered_key(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> str | None:
+    """What a check's result depends on, hashed: the network file and the bundled test (sha256), the engine
+    and its installed version, the precision and its tolerances, this CPU's instruction sets, zoo's version.
+    None when the engine's version cannot be read (never remembered then)."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from zoo import __version__
+    from zoo.engines.common import cpu_flags
+    from zoo.registry import sha256_file
+
+    versions = []
+    for dist in ENGINE_DISTRIBUTIONS.get(engine, ()):
+        try:
+            versions.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            continue
+    if not versions or entry.test is None:
+        return None
+    test = [sha256_file(registry.resolve(f)) for f in (entry.test.input, entry.test.expected)]
+    parts = [entry.id, entry.weights_for(precision).sha256, *test, repr(entry.test), repr(entry.output), engine,
+             *versions, precision, repr(entry.precisions[precision]), " ".join(sorted(cpu_flags())), __version__]  # type: ignore[index]  # fmt: skip
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def remembered_check(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> dict[str, Any]:
+    """:func:`check_precision`, or its earlier *passing* result for exactly the same files, engine version,
+    precision, tolerances and CPU (see :func:`_remembered_key`), kept in :func:`check_cache_dir`. A run
+    uses this (the check costs 0.2-1 s a network); ``zoo verify`` always checks afresh. A failure is never
+    remembered. The result says ``remembered`` and when it was checked."""
+    folder = check_cache_dir()
+    key = _remembered_key(entry, registry, engine, precision) if folder is not None else None
+    if folder is None or key is None:
+        return check_precision(entry, registry, engine, precision)
+    path = folder / f"{key}.json"
+    try:
+        res: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        if res.get("ok") is True and res.get("engine") == engine and res.get("precision") == precision:
+            return {**res, "remembered": True, "detail": f"{res.get('detail', '')} (checked {res.get('checked')})"}
+    except (OSError, ValueError):
+        pass  # not checked yet here, or unreadable: check
+    res = check_precision(entry, registry, engine, precision)
+    if res.get("ok") is True:
+        try:
+            from zoo.outputs import write_json
+
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(path, {**res, "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        except OSError:
+            pass  # a read-only home: the check simply runs again next time
+    return res
 
 
 def check_precision(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> dict[str, Any]:
@@ -154,13 +224,13 @@ def verify_network(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
 def select_engine(
     entry: ModelEntry, registry: Registry, engine: str = "auto", precision: str = "auto", gpu: set[str] | None = None
 ) -> EngineChoice:
-    """:func:`zoo.engines.select.select` with :func:`check_precision` as the check: the fastest allowed
+    """:func:`zoo.engines.select.select` with :func:`remembered_check` as the check: the fastest allowed
     (engine, precision) that passes its bundled test here (or the requested one, which must pass).
 
     Raises:
         ProviderError: no allowed combination can run, or an explicit one fails.
     """
-    return select(entry, lambda e, p: check_precision(entry, registry, e, p), engine, precision, gpu)
+    return select(entry, lambda e, p: remembered_check(entry, registry, e, p), engine, precision, gpu)
 
 
 def _load_test_array(entry: ModelEntry, registry: Registry, name: str) -> Any:

@@ -336,3 +336,33 @@ def test_onnxruntime_arena_only_for_networks_that_run_many_times(model: str, are
     entry = reg.get(model)
     m = OnnxModel(verified_weights(entry, reg), entry, providers=["CPUExecutionProvider"])
     assert m.runner.session.get_session_options().enable_cpu_mem_arena is arena
+
+
+@pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))
+def test_a_run_remembers_passed_checks_only_for_the_same_files_engine_and_tolerances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run reuses an earlier passing check (the same file, test, engine version, tolerances and CPU); a
+    failure is never remembered; ``zoo verify``'s check_precision always runs afresh."""
+    import zoo.verify as verify
+
+    monkeypatch.setenv("ZOO_CHECK_CACHE", "1")
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(verify, "_CHECKED", {})
+    reg = load_registry()
+    entry = reg.get("tumour-tiles@1.2.0")
+    first = verify.remembered_check(entry, reg, "openvino", "fp32")
+    assert first["ok"] and "remembered" not in first
+    assert len(list((tmp_path / "checks").glob("*.json"))) == 1
+    verify._CHECKED.clear()
+    again = verify.remembered_check(entry, reg, "openvino", "fp32")
+    assert again["remembered"] and again["max_abs_diff"] == first["max_abs_diff"] and "checked 20" in again["detail"]
+    assert "remembered" not in verify.check_precision(entry, reg, "openvino", "fp32")  # zoo verify: fresh
+    spec = entry.precisions["fp32"].model_copy(update={"max_abs_diff": 1e-12})  # OpenVINO differs by ~1e-7
+    strict = entry.model_copy(update={"precisions": {**entry.precisions, "fp32": spec}})
+    failed = verify.remembered_check(strict, reg, "openvino", "fp32")
+    assert not failed["ok"] and "remembered" not in failed
+    assert len(list((tmp_path / "checks").glob("*.json"))) == 1  # other tolerances: another key; failures: none
+    monkeypatch.setenv("ZOO_CHECK_CACHE", "0")
+    verify._CHECKED.clear()
+    assert "remembered" not in verify.remembered_check(entry, reg, "openvino", "fp32")
