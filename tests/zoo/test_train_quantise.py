@@ -58,9 +58,12 @@ def test_the_registered_int8_file_is_reproduced_by_its_command(
     out = tmp_path / "int8.onnx"
     assert main(["--model", entry.id, "--pcam", str(zip_path), "--out", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
-    if f"onnxruntime {onnxruntime.__version__}" in spec.made_by:
+    same_tools = f"onnxruntime {onnxruntime.__version__}" in spec.made_by
+    if same_tools:
         assert info["sha256"] == spec.weights.sha256
     x = np.load(reg.resolve(entry.test.input))  # type: ignore[union-attr]
-    pinned = verified_weights(entry, reg, "int8")
-    assert np.abs(_ort(out, x) - _ort(pinned, x)).max() < 1e-5
+    remade, pinned = _ort(out, x), _ort(verified_weights(entry, reg, "int8"), x)
+    t = entry.output.threshold  # another onnxruntime may round a scale differently: the same labels, close values
+    assert ((remade[:, 1] >= t) == (pinned[:, 1] >= t)).all()
+    assert np.abs(remade - pinned).max() < (1e-5 if same_tools else 0.02)
     assert main(["--model", entry.id, "--pcam", str(zip_path), "--out", str(out)]) == 1  # never overwrites
