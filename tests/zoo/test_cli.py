@@ -18,6 +18,8 @@ def test_list_info_verify(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", rows[0]["id"], "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["weights"]["sha256"] and info["versions"]
+    assert main(["info", "tumour-tiles@1.2.0"]) == 0  # a precision with its own file names it
+    assert "int8 (openvino, onnxruntime; models/tumour-tiles/1.2.0/tumour-tiles-int8.onnx" in capsys.readouterr().out
     assert main(["verify", "--json"]) == 0
     assert all(r["ok"] for r in json.loads(capsys.readouterr().out))
 

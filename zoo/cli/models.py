@@ -89,6 +89,11 @@ def model_card_text(entry: Any, reg: Any) -> str:
     lines.append(f"  output: {out.channels} channel(s), {out.activation}, threshold {out.threshold:g}")
     files = [w.uri, *(f.path for f in w.files)]
     lines.append(f"  weights: {', '.join(files)} (sha256 {w.sha256[:12]}…, checked before every use)")
+    precisions = []
+    for name, p in entry.precisions.items():
+        own = f"; {p.weights.uri}, sha256 {p.weights.sha256[:12]}…" if p.weights else ""
+        precisions.append(f"{name} ({', '.join(p.engines)}{own})")
+    lines.append(f"  precisions: {', '.join(precisions)}")
     lines.append(f"  licence: {entry.licence}")
     for key in ("trained_by", "source", "training_data", "labels"):
         if key in entry.provenance:
