@@ -625,12 +625,17 @@ def load_registry(path: str | Path | None = None) -> Registry:
         raise RegistryError(f"{p}: {where}: {first['msg']}; fix this field ({err.error_count()} error(s))") from err
 
 
+def cache_root() -> Path:
+    """zoo's own cache (downloaded weights, remembered engine checks): ``$ZOO_CACHE``, else
+    ``~/.cache/pathology-zoo``."""
+    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "pathology-zoo"))
+
+
 def resolve_uri(uri: str, root: Path) -> Path:
     """Local path for a weights/test URI (relative to ``root``, ``file://`` or ``https://``)."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        cache = Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "pathology-zoo"))
-        return cache / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(parsed.path).name
+        return cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(parsed.path).name
     if parsed.scheme == "file":
         p = Path(parsed.path)
         if not p.is_absolute():

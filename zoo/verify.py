@@ -20,7 +20,7 @@ import numpy as np
 
 from zoo.engines.select import EngineChoice, select
 from zoo.errors import ModelOutputError, ProviderError, RegistryError
-from zoo.registry import ModelEntry, Registry, verified_weights
+from zoo.registry import ModelEntry, Registry, cache_root, verified_weights
 
 _CHECKED: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 
@@ -35,7 +35,7 @@ def check_cache_dir() -> Path | None:
     ``ZOO_CHECK_CACHE=0``."""
     if os.environ.get("ZOO_CHECK_CACHE", "1") == "0":
         return None
-    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "pathology-zoo")) / "checks"
+    return cache_root() / "checks"
 
 
 def _remembered_key(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> str | None:
