@@ -23,6 +23,8 @@ from zoo.errors import ModelOutputError, ProviderError, RegistryError
 from zoo.registry import ModelEntry, Registry, cache_root, verified_weights
 
 _CHECKED: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
+#: the same key -> a passing result read from :func:`check_cache_dir` (never returned by :func:`check_precision`)
+_REMEMBERED: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 
 #: engine name -> the distribution whose version a remembered check depends on
 ENGINE_DISTRIBUTIONS = {
@@ -68,6 +70,10 @@ def remembered_check(entry: ModelEntry, registry: Registry, engine: str, precisi
     precision, tolerances and CPU (see :func:`_remembered_key`), kept in :func:`check_cache_dir`. A run
     uses this (the check costs 0.2-1 s a network); ``zoo verify`` always checks afresh. A failure is never
     remembered. The result says ``remembered`` and when it was checked."""
+    memo = _memo_key(entry, engine, precision)
+    known = _CHECKED.get(memo) or _REMEMBERED.get(memo)  # a batch of slides asks once per slide: answer from memory
+    if known is not None:
+        return known
     folder = check_cache_dir()
     key = _remembered_key(entry, registry, engine, precision) if folder is not None else None
     if folder is None or key is None:
@@ -76,7 +82,9 @@ def remembered_check(entry: ModelEntry, registry: Registry, engine: str, precisi
     try:
         res: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         if res.get("ok") is True and res.get("engine") == engine and res.get("precision") == precision:
-            return {**res, "remembered": True, "detail": f"{res.get('detail', '')} (checked {res.get('checked')})"}
+            detail = f"{res.get('detail', '')} (checked {res.get('checked')})"
+            _REMEMBERED[memo] = {**res, "remembered": True, "detail": detail}
+            return _REMEMBERED[memo]
     except (OSError, ValueError):
         pass  # not checked yet here, or unreadable: check
     res = check_precision(entry, registry, engine, precision)
@@ -91,6 +99,12 @@ def remembered_check(entry: ModelEntry, registry: Registry, engine: str, precisi
     return res
 
 
+def _memo_key(entry: ModelEntry, engine: str, precision: str) -> tuple[str, str, str, str, str]:
+    """What a check's result is kept under for the life of the process."""
+    spec = entry.precisions[precision]  # type: ignore[index]
+    return (entry.id, entry.weights_for(precision).sha256, engine, precision, repr(spec))
+
+
 def check_precision(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> dict[str, Any]:
     """Run the bundled test on ``engine`` at ``precision`` and compare with the bundled fp32 output.
 
@@ -102,7 +116,7 @@ def check_precision(entry: ModelEntry, registry: Registry, engine: str, precisio
     from zoo.runner import labels_from_probabilities
 
     spec = entry.precisions[precision]  # type: ignore[index]
-    key = (entry.id, entry.weights_for(precision).sha256, engine, precision, repr(spec))
+    key = _memo_key(entry, engine, precision)
     if key in _CHECKED:
         return _CHECKED[key]
     base = {

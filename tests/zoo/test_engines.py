@@ -349,6 +349,7 @@ def test_a_run_remembers_passed_checks_only_for_the_same_files_engine_and_tolera
     monkeypatch.setenv("ZOO_CHECK_CACHE", "1")
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
     monkeypatch.setattr(verify, "_CHECKED", {})
+    monkeypatch.setattr(verify, "_REMEMBERED", {})
     reg = load_registry()
     entry = reg.get("tumour-tiles@1.2.0")
     first = verify.remembered_check(entry, reg, "openvino", "fp32")
@@ -357,6 +358,10 @@ def test_a_run_remembers_passed_checks_only_for_the_same_files_engine_and_tolera
     verify._CHECKED.clear()
     again = verify.remembered_check(entry, reg, "openvino", "fp32")
     assert again["remembered"] and again["max_abs_diff"] == first["max_abs_diff"] and "checked 20" in again["detail"]
+    (kept,) = (tmp_path / "checks").glob("*.json")
+    kept.rename(tmp_path / "aside.json")
+    assert verify.remembered_check(entry, reg, "openvino", "fp32") is again  # the next slide: from memory, no I/O
+    (tmp_path / "aside.json").rename(kept)
     assert "remembered" not in verify.check_precision(entry, reg, "openvino", "fp32")  # zoo verify: fresh
     spec = entry.precisions["fp32"].model_copy(update={"max_abs_diff": 1e-12})  # OpenVINO differs by ~1e-7
     strict = entry.model_copy(update={"precisions": {**entry.precisions, "fp32": spec}})
@@ -365,4 +370,5 @@ def test_a_run_remembers_passed_checks_only_for_the_same_files_engine_and_tolera
     assert len(list((tmp_path / "checks").glob("*.json"))) == 1  # other tolerances: another key; failures: none
     monkeypatch.setenv("ZOO_CHECK_CACHE", "0")
     verify._CHECKED.clear()
+    verify._REMEMBERED.clear()
     assert "remembered" not in verify.remembered_check(entry, reg, "openvino", "fp32")
