@@ -219,6 +219,25 @@ def test_torch_engine_runs_every_registered_network_like_onnxruntime() -> None:
 
 
 @pytest.mark.skipif(TORCH is not None, reason=str(TORCH))
+@pytest.mark.parametrize("model", ["tissue-multires", "peer-tissue-unet", "tumour-tiles"])
+def test_torch_engine_normalises_uint8_tiles_on_the_device_as_the_host_does(model: str) -> None:
+    """uint8 tiles go to the torch engine as they are and are normalised there (NCHW and NHWC networks): the
+    same raw output, bit for bit, as the host's float32 normalisation; float input still runs as it is."""
+    from zoo.engines.model import OnnxModel
+    from zoo.registry import verified_weights
+
+    reg = load_registry()
+    entry = reg.get(model)
+    m = OnnxModel(verified_weights(entry, reg), entry, engine="torch", threads=1)
+    assert m.uint8_input and "normalised on the device" in m.providers[0]
+    w, h = entry.input.patch_size_px
+    tiles = np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    x = m.preprocess(tiles)
+    assert x.dtype == np.uint8  # handed over as it is
+    np.testing.assert_array_equal(m.raw(x), m.raw(m._normalise(tiles)))
+
+
+@pytest.mark.skipif(TORCH is not None, reason=str(TORCH))
 def test_torch_engine_refuses_an_op_it_does_not_run(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper

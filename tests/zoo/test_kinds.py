@@ -133,6 +133,10 @@ def test_patch_classification_averages_overlapping_tiles(cmu_slide: Path, tmp_pa
     model = OnnxModel(onnx_path, entry, providers=["CPUExecutionProvider"])
     with open_slide(cmu_slide) as slide:
         grid = classify_tiles(slide, entry, model, RunOptions(progress=False, batch_size=16))
+        # rows read by several threads are classified in the same order: the very same grid
+        again = classify_tiles(slide, entry, model, RunOptions(progress=False, batch_size=16, reader_threads=3))
+    np.testing.assert_array_equal(again.prob, grid.prob)
+    np.testing.assert_array_equal(again.count, grid.count)
     s = grid.stats
     assert s["tiles_total"] == s["tiles_removed_by_premask"] + s["tiles_removed_by_entropy_rails"] + s["tiles_run"]
     assert s["tiles_run"] > 0 and s["tiles_removed_by_premask"] > 0

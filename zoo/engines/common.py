@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from zoo.errors import ModelInputError
-from zoo.registry import ModelEntry
+from zoo.registry import InputSpec, ModelEntry
 
 #: Precisions with hardware support for their matrix arithmetic, by CPU flag (any of them).
 PRECISION_CPU_FLAGS = {
@@ -52,6 +52,14 @@ class Engine(Protocol):
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The raw output for ``{input name: array}`` (multi-input networks)."""
         ...
+
+
+def normalisation_table(spec: InputSpec) -> np.ndarray:
+    """(3, 256) float32: the normalised value of each grey level, per network input channel (the registry's
+    scale, mean and std in float32), so that normalising a uint8 tile is a table lookup."""
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    table = (levels * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(table.T, dtype=np.float32)
 
 
 def cpu_flags() -> set[str]:

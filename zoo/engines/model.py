@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo.engines import ENGINES, engine_module
-from zoo.engines.common import Engine, LoadOptions
+from zoo.engines.common import Engine, LoadOptions, normalisation_table
 from zoo.errors import ModelOutputError, ProviderError
 from zoo.registry import InputSpec, ModelEntry
 
@@ -23,7 +23,7 @@ class OnnxModel:
     """A registered ONNX model, run by one of :data:`zoo.engines.ENGINES` at a given precision, checked against
     its entry."""
 
-    #: True when :meth:`preprocess` hands uint8 tiles to an engine that normalises them itself (OpenVINO)
+    #: True when :meth:`preprocess` hands uint8 tiles to an engine that normalises them itself (OpenVINO, torch)
     uint8_input = False
 
     def __init__(
@@ -51,7 +51,7 @@ class OnnxModel:
     def preprocess(self, tiles: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB to the network's input array.
 
-        An engine that normalises inside (OpenVINO, ``uint8_input``) gets the tiles as they are. Otherwise
+        An engine that normalises inside (OpenVINO, torch: ``uint8_input``) gets the tiles as they are. Otherwise
         RGB/BGR uint8 tiles go through a 256-entry float32 table per channel (the same float32
         arithmetic, done once per grey level: about 5x faster than on every pixel).
         """
@@ -76,10 +76,7 @@ class OnnxModel:
     def _lut(self) -> np.ndarray:
         """(3, 256) float32: the normalised value of each grey level, per network input channel."""
         if getattr(self, "_lut_cache", None) is None:
-            spec = self.entry.input
-            levels = np.arange(256, dtype=np.float32)[:, None]
-            table = (levels * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-            self._lut_cache = np.ascontiguousarray(table.T, dtype=np.float32)
+            self._lut_cache = normalisation_table(self.entry.input)
         return self._lut_cache
 
     def raw(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:

@@ -1,7 +1,10 @@
 """The ``torch`` engine: the pinned ONNX graph run by torch operators (:mod:`zoo.engines.torch_graph`), on a
 CUDA GPU when torch sees one, else on the CPU.
 
-fp32 is true fp32 (TF32 off); fp16/bf16 run under autocast, which keeps normalisations in fp32.
+fp32 is true fp32 (TF32 off); fp16/bf16 run under autocast, which keeps normalisations in fp32. A network
+with one RGB/BGR input takes the uint8 tiles (``uint8_input``): they are copied to the device as they are (a
+quarter of float32's bytes) and normalised there by the same 256-entry float32 table per channel as
+:meth:`zoo.engines.model.OnnxModel.preprocess` uses on the host, so the network sees the very same numbers.
 """
 
 from __future__ import annotations
@@ -11,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.engines.common import LoadOptions, Normaliser, check_io_names, cpu_lacks, nvidia_driver_present
+from zoo.engines.common import (
+    LoadOptions,
+    Normaliser,
+    check_io_names,
+    cpu_lacks,
+    normalisation_table,
+    nvidia_driver_present,
+)
 from zoo.errors import ProviderError
 from zoo.registry import ModelEntry
 
@@ -43,7 +53,6 @@ def unavailable(precision: str, device: int | None = None) -> str | None:
 class TorchEngine:
     """The ONNX graph as a torch module on one device (see the module docstring)."""
 
-    uint8_input = False
     fixed_batch = None
 
     def __init__(self, path: Path, entry: ModelEntry, options: LoadOptions) -> None:
@@ -70,14 +79,38 @@ class TorchEngine:
         self._dev = dev
         self._out_index = graph.output_names.index(entry.output.output_name)
         self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        self.providers = [f"torch {where} ({name}) {precision}"]
+        spec = entry.input
+        #: True: run() takes (N, H, W, 3) uint8 tiles and normalises them on the device
+        self.uint8_input = len(graph.input_names) == 1 and spec.channel_order in ("RGB", "BGR") and spec.channels == 3
+        self._lut = torch.from_numpy(normalisation_table(spec)).to(dev)
+        self._src = (2, 1, 0) if spec.channel_order == "BGR" else (0, 1, 2)
+        self._nchw = spec.layout == "NCHW"
+        notes = " (uint8 tiles normalised on the device)" if self.uint8_input else ""
+        self.providers = [f"torch {where} ({name}) {precision}{notes}"]
+
+    def _on_device(self, a: np.ndarray) -> object:
+        """One input array on the device: uint8 tiles (with ``uint8_input``) normalised there, else as it is."""
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self._dev, non_blocking=True)
+        if not (self.uint8_input and a.dtype == np.uint8 and a.ndim == 4 and a.shape[-1] == 3):
+            return t
+        n, h, w, _ = a.shape
+        out = torch.empty((n, 3, h, w) if self._nchw else (n, h, w, 3), dtype=torch.float32, device=self._dev)
+        for c, k in enumerate(self._src):
+            plane = self._lut[c][t[..., k].long()]  # the table's float32 value of each grey level
+            if self._nchw:
+                out[:, c] = plane
+            else:
+                out[..., c] = plane
+        return out
 
     def _run(self, *arrays: np.ndarray) -> np.ndarray:
         import torch
 
         dtype = self._dtype
         with torch.inference_mode(), torch.autocast(self._dev.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
-            ins = [torch.from_numpy(np.ascontiguousarray(a)).to(self._dev, non_blocking=True) for a in arrays]
+            ins = [self._on_device(a) for a in arrays]
             out = self._graph(*ins)[self._out_index]
             return np.asarray(out.float().cpu().numpy())
 

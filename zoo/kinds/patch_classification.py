@@ -124,11 +124,12 @@ def classify_tiles(slide: Slide, entry: ModelEntry, model: OnnxModel, opts: RunO
         return j, cols_i, tiles, h, ts - tr, time.perf_counter() - ts
 
     rows_todo = iter(sorted(by_row.items()))
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader")
-    ahead: deque[Future[Any]] = deque()
+    readers = max(1, opts.reader_threads)
+    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="tile-reader")
+    ahead: deque[Future[Any]] = deque()  # taken in the order submitted: the same result with any number of readers
 
     def top_up() -> None:  # rows are read and sifted while the engine classifies the previous ones
-        while len(ahead) < max(2, opts.prefetch_batches):
+        while len(ahead) < max(2, opts.prefetch_batches, 2 * readers):
             row = next(rows_todo, None)
             if row is None:
                 return
