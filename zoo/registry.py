@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -631,6 +634,51 @@ def cache_root() -> Path:
     return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "pathology-zoo"))
 
 
+#: True inside :func:`checked_afresh` (``zoo verify``): nothing remembered is used or written
+_AFRESH: ContextVar[bool] = ContextVar("zoo_checked_afresh", default=False)
+
+
+@contextmanager
+def checked_afresh() -> Iterator[None]:
+    """Within this block every check runs afresh, as if ``ZOO_CHECK_CACHE=0`` (``zoo verify``)."""
+    token = _AFRESH.set(True)
+    try:
+        yield
+    finally:
+        _AFRESH.reset(token)
+
+
+def check_cache_dir() -> Path | None:
+    """Where passed checks are remembered between runs (``$ZOO_CACHE/checks``); None when
+    ``ZOO_CHECK_CACHE=0`` or inside :func:`checked_afresh`."""
+    if os.environ.get("ZOO_CHECK_CACHE", "1") == "0" or _AFRESH.get():
+        return None
+    return cache_root() / "checks"
+
+
+def remembered_pass(name: str) -> bool:
+    """Whether the check ``name`` (a key that hashes everything its result depends on) passed before here."""
+    folder = check_cache_dir()
+    return folder is not None and (folder / f"{name}.json").is_file()
+
+
+def remember_pass(name: str, detail: dict[str, Any] | None = None) -> None:
+    """Note that the check ``name`` passed (nothing when remembering is off or the cache cannot be written)."""
+    import json
+    import time
+
+    folder = check_cache_dir()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"ok": True, "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(detail or {})}))
+        tmp.replace(folder / f"{name}.json")
+    except OSError:
+        pass  # a read-only home: the check simply runs again next time
+
+
 def resolve_uri(uri: str, root: Path) -> Path:
     """Local path for a weights/test URI (relative to ``root``, ``file://`` or ``https://``)."""
     parsed = urlparse(uri)
@@ -718,7 +766,7 @@ def verified_model_files(entry: ModelEntry, registry: Registry, precision: str =
     files = [path, *(path.parent / f.path for f in weights.files)]
     memo = (entry.id, repr(entry.input), repr(entry.output), repr(entry.context_inputs), weights.sha256,
             *(f.sha256 for f in weights.files), *(_file_state(f) for f in files))  # fmt: skip
-    if None not in memo and memo in _VERIFIED:
+    if None not in memo and memo in _VERIFIED and not _AFRESH.get():
         return list(_VERIFIED[memo])
     checked = _verify_model_files(entry, registry, weights, field, path)
     if None not in memo:
@@ -736,6 +784,15 @@ def _verify_model_files(
     extra = [path.parent / f.path for f in weights.files]
     for f, p in zip(weights.files, extra):
         _check_pinned(p, f.sha256, entry, registry, f"{field}.files {f.path!r}")
+    # what follows reads the graph (and imports onnx, ~0.5 s): it depends only on the files' content and the
+    # entry's declared inputs and outputs, so once passed it is remembered under their hash
+    from zoo import __version__
+
+    parts = [weights.sha256, *(f"{f.path}={f.sha256}" for f in weights.files), repr(entry.input), repr(entry.output),
+             repr(entry.context_inputs), entry.stage_name, __version__]  # fmt: skip
+    remembered = "graph-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    if remembered_pass(remembered):
+        return [path, *extra]
     pinned = {Path(f.path).as_posix() for f in weights.files}
     for loc in onnx_external_data(path):
         lp = Path(loc)
@@ -751,6 +808,7 @@ def _verify_model_files(
                 f"with its sha256 in {registry.path}"
             )
     check_graph_contract(entry, path)
+    remember_pass(remembered, {"model": entry.id, "file": str(path)})
     return [path, *extra]
 
 

@@ -11,16 +11,14 @@ fastest allowed combination that this machine can run and that passes.
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from zoo.engines.select import EngineChoice, select
 from zoo.errors import ModelOutputError, ProviderError, RegistryError
-from zoo.registry import ModelEntry, Registry, cache_root, verified_weights
+from zoo.registry import ModelEntry, Registry, check_cache_dir, checked_afresh, verified_weights
 
 _CHECKED: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 #: the same key -> a passing result read from :func:`check_cache_dir` (never returned by :func:`check_precision`)
@@ -30,14 +28,6 @@ _REMEMBERED: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 ENGINE_DISTRIBUTIONS = {
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",), "torch": ("torch",),
 }  # fmt: skip
-
-
-def check_cache_dir() -> Path | None:
-    """Where passed checks are remembered between runs (``$ZOO_CACHE/checks``); None when
-    ``ZOO_CHECK_CACHE=0``."""
-    if os.environ.get("ZOO_CHECK_CACHE", "1") == "0":
-        return None
-    return cache_root() / "checks"
 
 
 def _remembered_key(entry: ModelEntry, registry: Registry, engine: str, precision: str) -> str | None:
@@ -183,9 +173,10 @@ def verify_model(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
     """Check every network (cascade stage) of ``entry``: pinned files and bundled test on every allowed
     engine and precision (see :func:`verify_network`); ``stages`` holds one result per stage."""
     nets = entry.networks()
-    if len(nets) == 1:
-        return verify_network(entry, registry)
-    results = {name: verify_network(view, registry) for name, view in nets}
+    with checked_afresh():  # the files' graphs are read again, not taken from a run's remembered checks
+        if len(nets) == 1:
+            return verify_network(entry, registry)
+        results = {name: verify_network(view, registry) for name, view in nets}
     return {
         "model": entry.id,
         "ok": all(r["ok"] for r in results.values()),

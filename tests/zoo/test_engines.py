@@ -357,6 +357,59 @@ def test_onnxruntime_arena_only_for_networks_that_run_many_times(model: str, are
     assert m.runner.session.get_session_options().enable_cpu_mem_arena is arena
 
 
+#: the remembered engine checks' files (beside them: ``graph-*`` and ``openvino-*``)
+CHECKS = "[0-9a-f]*.json"
+
+
+@pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))
+def test_openvino_remembers_its_group_norm_rewrite_by_the_files_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewritten graph is kept with its sha256: a later load reads it without onnx and computes the same;
+    a changed copy is rewritten afresh; a network with nothing to rewrite is read from its own file."""
+    import onnx
+
+    from zoo.engines.model import OnnxModel
+    from zoo.errors import ModelInputError
+    from zoo.registry import verified_weights
+
+    monkeypatch.setenv("ZOO_CHECK_CACHE", "1")
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    reg = load_registry()
+    entry = reg.get("tissue-multires")
+    path = verified_weights(entry, reg)
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+
+    def load(reason: str) -> tuple[str, np.ndarray]:
+        m = OnnxModel(path, entry, engine="openvino", precision="fp32", batch_size=2)
+        return m.providers[0], m.raw(m.preprocess(tiles))
+
+    first, want = load("first")
+    assert "24 GroupNorms channels-last" in first
+    (rewritten,) = (tmp_path / "checks").glob("openvino-*.onnx")
+    real_load = onnx.load
+
+    def no_onnx(*_: object, **__: object) -> None:
+        raise AssertionError("onnx was asked to read the network again")
+
+    monkeypatch.setattr(onnx, "load", no_onnx)
+    again, got = load("remembered")
+    assert again == first
+    np.testing.assert_array_equal(got, want)
+    rewritten.write_bytes(b"changed")
+    with pytest.raises(ModelInputError, match="read the network again"):
+        load("changed copy")
+    monkeypatch.setattr(onnx, "load", real_load)
+    _, got = load("rewritten afresh")
+    np.testing.assert_array_equal(got, want)
+    plain = reg.get("tumour-tiles@1.2.0")
+    OnnxModel(verified_weights(plain, reg), plain, engine="openvino", precision="fp32")
+    monkeypatch.setattr(onnx, "load", no_onnx)
+    m = OnnxModel(verified_weights(plain, reg), plain, engine="openvino", precision="fp32")  # its own file
+    assert "GroupNorms" not in m.providers[0]
+    assert len(list((tmp_path / "checks").glob("openvino-*.onnx"))) == 1
+
+
 @pytest.mark.skipif(OPENVINO is not None, reason=str(OPENVINO))
 def test_a_run_remembers_passed_checks_only_for_the_same_files_engine_and_tolerances(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -373,11 +426,11 @@ def test_a_run_remembers_passed_checks_only_for_the_same_files_engine_and_tolera
     entry = reg.get("tumour-tiles@1.2.0")
     first = verify.remembered_check(entry, reg, "openvino", "fp32")
     assert first["ok"] and "remembered" not in first
-    assert len(list((tmp_path / "checks").glob("*.json"))) == 1
+    assert len(list((tmp_path / "checks").glob(CHECKS))) == 1
     verify._CHECKED.clear()
     again = verify.remembered_check(entry, reg, "openvino", "fp32")
     assert again["remembered"] and again["max_abs_diff"] == first["max_abs_diff"] and "checked 20" in again["detail"]
-    (kept,) = (tmp_path / "checks").glob("*.json")
+    (kept,) = (tmp_path / "checks").glob(CHECKS)
     kept.rename(tmp_path / "aside.json")
     assert verify.remembered_check(entry, reg, "openvino", "fp32") is again  # the next slide: from memory, no I/O
     (tmp_path / "aside.json").rename(kept)
@@ -386,7 +439,7 @@ def test_a_run_remembers_passed_checks_only_for_the_same_files_engine_and_tolera
     strict = entry.model_copy(update={"precisions": {**entry.precisions, "fp32": spec}})
     failed = verify.remembered_check(strict, reg, "openvino", "fp32")
     assert not failed["ok"] and "remembered" not in failed
-    assert len(list((tmp_path / "checks").glob("*.json"))) == 1  # other tolerances: another key; failures: none
+    assert len(list((tmp_path / "checks").glob(CHECKS))) == 1  # other tolerances: another key; failures: none
     monkeypatch.setenv("ZOO_CHECK_CACHE", "0")
     verify._CHECKED.clear()
     verify._REMEMBERED.clear()

@@ -196,3 +196,45 @@ def test_patch_size_must_be_positive(size: str, tmp_path: Path) -> None:
     reg = _contract_registry(tmp_path, {"patch_size_px: [64, 64]": f"patch_size_px: {size}"})
     with pytest.raises(RegistryError, match="patch_size_px"):
         load_registry(reg)
+
+
+def test_graph_checks_are_remembered_for_the_same_files_and_declarations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the graph (external data, the declared inputs and outputs) is remembered under the files'
+    sha256 and the entry's declarations: the sha256 is always checked, the graph is read again for other
+    declarations or with remembering off."""
+    import zoo.registry as registry
+
+    monkeypatch.setenv("ZOO_CHECK_CACHE", "1")
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(registry, "_VERIFIED", {})
+    reg = load_registry()
+    entry = reg.get("tumour-tiles@1.2.0")
+    registry.verified_model_files(entry, reg)
+    assert len(list((tmp_path / "checks").glob("graph-*.json"))) == 1
+
+    def read_again(*_: object) -> list[str]:
+        raise AssertionError("the graph was read again")
+
+    monkeypatch.setattr(registry, "onnx_external_data", read_again)
+    registry._VERIFIED.clear()
+    registry.verified_model_files(entry, reg)  # remembered
+    changed = entry.model_copy(update={"output": entry.output.model_copy(update={"channels": 3})})
+    with pytest.raises(AssertionError, match="read again"):
+        registry.verified_model_files(changed, reg)
+    monkeypatch.setattr(registry, "sha256_file", lambda _: "0" * 64)  # the file changed on disk
+    registry._VERIFIED.clear()
+    with pytest.raises(ChecksumMismatchError):
+        registry.verified_model_files(entry, reg)
+    monkeypatch.undo()
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(registry, "onnx_external_data", read_again)
+    for off in ("ZOO_CHECK_CACHE=0", "zoo verify"):
+        monkeypatch.setenv("ZOO_CHECK_CACHE", "0" if off == "ZOO_CHECK_CACHE=0" else "1")
+        monkeypatch.setattr(registry, "_VERIFIED", {})
+        with pytest.raises(AssertionError, match="read again"):
+            if off == "zoo verify":
+                verify_model(entry, reg)
+            else:
+                registry.verified_model_files(entry, reg)

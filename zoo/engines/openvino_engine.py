@@ -36,6 +36,60 @@ def unavailable(precision: str, device: int | None = None) -> str | None:
     return cpu_lacks(precision)
 
 
+def read_network(core: Any, path: Path, self_contained: bool) -> tuple[Any, int]:
+    """``path`` as an OpenVINO model with its exported GroupNorms made layout-free
+    (:func:`zoo.engines.openvino_rewrite.group_norm_channels_last`), and how many were rewritten.
+
+    What the rewrite made of a self-contained file (no external data) is remembered in the check cache
+    (:func:`zoo.registry.check_cache_dir`) under the file's sha256 and zoo's version: the count, and the
+    rewritten graph with its own sha256 where there was something to rewrite. A later run then reads it
+    without importing onnx (~0.5 s)."""
+    import hashlib
+    import json
+
+    import openvino as ov
+
+    from zoo import __version__
+    from zoo.registry import check_cache_dir, remember_pass, remembered_pass, sha256_file
+
+    folder = check_cache_dir() if self_contained else None
+    name = ""
+    if folder is not None:
+        key = f"{sha256_file(path)}\nopenvino group-norm rewrite\n{__version__}"
+        name = "openvino-" + hashlib.sha256(key.encode()).hexdigest()
+        if remembered_pass(name):
+            try:
+                info = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+                n = int(info["groupnorms"])
+                if n == 0:
+                    return core.read_model(str(path)), 0
+                rewritten = folder / f"{name}.onnx"
+                if sha256_file(rewritten) == info["sha256"]:
+                    return core.read_model(str(rewritten)), n
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable or changed: rewrite again
+    import onnx
+
+    from zoo.engines.openvino_rewrite import group_norm_channels_last
+
+    proto, n = group_norm_channels_last(onnx.load(str(path)))
+    data = proto.SerializeToString()
+    model = core.read_model(model=data, weights=ov.Tensor(np.empty(0, np.uint8)))
+    if folder is not None:
+        detail: dict[str, Any] = {"groupnorms": n, "file": str(path)}
+        if n:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{name}.{os.getpid()}.onnx"
+                tmp.write_bytes(data)
+                tmp.replace(folder / f"{name}.onnx")
+                detail["sha256"] = hashlib.sha256(data).hexdigest()
+            except OSError:
+                return model, n
+        remember_pass(name, detail)
+    return model, n
+
+
 def ov_uint8_input(model: Any, spec: InputSpec) -> Any:
     """An OpenVINO model taking (N, H, W, 3) uint8 RGB tiles and normalising them as ``spec`` says:
     ``(value * scale - mean) / std`` per channel, BGR order and NCHW layout where the network wants them."""
@@ -60,10 +114,7 @@ class OpenVinoEngine:
         reason = unavailable(precision)
         if reason:
             raise ProviderError(f"{entry.id}: cannot run on OpenVINO at {precision}: {reason}")
-        import onnx
         import openvino as ov
-
-        from zoo.engines.openvino_rewrite import group_norm_channels_last
 
         self.entry, self._normalise = entry, normalise
         core = ov.Core()
@@ -74,8 +125,7 @@ class OpenVinoEngine:
             "PERFORMANCE_HINT": "LATENCY",
         }
         try:
-            proto, n_norms = group_norm_channels_last(onnx.load(str(path)))
-            model = core.read_model(model=proto.SerializeToString(), weights=ov.Tensor(np.empty(0, np.uint8)))
+            model, n_norms = read_network(core, path, not entry.weights_for(precision).files)
             if spec.mode == "whole-slide":
                 batch_size = 1  # one image per slide
             single = len(model.inputs) == 1
