@@ -95,6 +95,8 @@ def mask_to_polygons(
     h, w = src.shape
     wanted = np.array(sorted({value} if value is not None else set(values or range(1, 256))), np.int64)
     rows = max(1, band_bytes // max(1, w))
+    wanted_lut = np.zeros(256, bool)  # uint8 masks: a table lookup (np.isin sorts the band against 255 values)
+    wanted_lut[wanted[(wanted >= 0) & (wanted < 256)]] = True
     done: dict[int, list[Polygon]] = {}
     seam: dict[int, list[Polygon]] = {}
     min_area = max(min_area_px, 0.0)
@@ -102,7 +104,7 @@ def mask_to_polygons(
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         band = src.read_rows(y0, y1)
-        sel = np.isin(band, wanted)
+        sel = wanted_lut[band] if band.dtype == np.uint8 else np.isin(band, wanted)
         if not sel.any():
             continue
         if min_pixels >= 1:
@@ -197,7 +199,7 @@ def _small_objects(
         lab, n = ndi.label(sel & (band == val), structure=four)
         if n == 0:
             continue
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        sizes = ndi.histogram(lab, 0, n, n + 1)  # bincount would first copy the int32 labels to int64
         drop = sizes < min_pixels
         drop[0] = False
         for edge, cut in ((lab[0], touch_top), (lab[-1], touch_bottom)):
