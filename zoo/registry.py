@@ -656,27 +656,36 @@ def check_cache_dir() -> Path | None:
     return cache_root() / "checks"
 
 
-def remembered_pass(name: str) -> bool:
-    """Whether the check ``name`` (a key that hashes everything its result depends on) passed before here."""
+def remembered(name: str) -> dict[str, Any] | None:
+    """What :func:`remember_pass` kept for the check ``name`` (a key that hashes everything its result
+    depends on), or None: not passed here yet, remembering off, or unreadable."""
+    import json
+
     folder = check_cache_dir()
-    return folder is not None and (folder / f"{name}.json").is_file()
+    if folder is None:
+        return None
+    try:
+        kept = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) and kept.get("ok") is True else None
 
 
 def remember_pass(name: str, detail: dict[str, Any] | None = None) -> None:
-    """Note that the check ``name`` passed (nothing when remembering is off or the cache cannot be written)."""
-    import json
+    """Keep ``detail`` as the passed check ``name``, with when (nothing when remembering is off or the cache
+    cannot be written)."""
     import time
+
+    from zoo.outputs import write_json
 
     folder = check_cache_dir()
     if folder is None:
         return
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"ok": True, "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(detail or {})}))
-        tmp.replace(folder / f"{name}.json")
-    except OSError:
-        pass  # a read-only home: the check simply runs again next time
+        checked = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(folder / f"{name}.json", {**(detail or {}), "ok": True, "checked": checked})
+    except OSError:  # OutputError too: a read-only home, and the check simply runs again next time
+        pass
 
 
 def resolve_uri(uri: str, root: Path) -> Path:
@@ -790,8 +799,8 @@ def _verify_model_files(
 
     parts = [weights.sha256, *(f"{f.path}={f.sha256}" for f in weights.files), repr(entry.input), repr(entry.output),
              repr(entry.context_inputs), entry.stage_name, __version__]  # fmt: skip
-    remembered = "graph-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    if remembered_pass(remembered):
+    remembered_as = "graph-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    if remembered(remembered_as) is not None:
         return [path, *extra]
     pinned = {Path(f.path).as_posix() for f in weights.files}
     for loc in onnx_external_data(path):
@@ -808,7 +817,7 @@ def _verify_model_files(
                 f"with its sha256 in {registry.path}"
             )
     check_graph_contract(entry, path)
-    remember_pass(remembered, {"model": entry.id, "file": str(path)})
+    remember_pass(remembered_as, {"model": entry.id, "file": str(path)})
     return [path, *extra]
 
 

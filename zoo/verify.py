@@ -10,15 +10,21 @@ fastest allowed combination that this machine can run and that passes.
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 import numpy as np
 
 from zoo.engines.select import EngineChoice, select
 from zoo.errors import ModelOutputError, ProviderError, RegistryError
-from zoo.registry import ModelEntry, Registry, check_cache_dir, checked_afresh, verified_weights
+from zoo.registry import (
+    ModelEntry,
+    Registry,
+    check_cache_dir,
+    checked_afresh,
+    remember_pass,
+    remembered,
+    verified_weights,
+)
 
 _CHECKED: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 #: the same key -> a passing result read from :func:`check_cache_dir` (never returned by :func:`check_precision`)
@@ -64,28 +70,17 @@ def remembered_check(entry: ModelEntry, registry: Registry, engine: str, precisi
     known = _CHECKED.get(memo) or _REMEMBERED.get(memo)  # a batch of slides asks once per slide: answer from memory
     if known is not None:
         return known
-    folder = check_cache_dir()
-    key = _remembered_key(entry, registry, engine, precision) if folder is not None else None
-    if folder is None or key is None:
+    key = _remembered_key(entry, registry, engine, precision) if check_cache_dir() is not None else None
+    if key is None:
         return check_precision(entry, registry, engine, precision)
-    path = folder / f"{key}.json"
-    try:
-        res: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        if res.get("ok") is True and res.get("engine") == engine and res.get("precision") == precision:
-            detail = f"{res.get('detail', '')} (checked {res.get('checked')})"
-            _REMEMBERED[memo] = {**res, "remembered": True, "detail": detail}
-            return _REMEMBERED[memo]
-    except (OSError, ValueError):
-        pass  # not checked yet here, or unreadable: check
+    res = remembered(key)
+    if res is not None and res.get("engine") == engine and res.get("precision") == precision:
+        detail = f"{res.get('detail', '')} (checked {res.get('checked')})"
+        _REMEMBERED[memo] = {**res, "remembered": True, "detail": detail}
+        return _REMEMBERED[memo]
     res = check_precision(entry, registry, engine, precision)
     if res.get("ok") is True:
-        try:
-            from zoo.outputs import write_json
-
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(path, {**res, "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        except OSError:
-            pass  # a read-only home: the check simply runs again next time
+        remember_pass(key, res)
     return res
 
 

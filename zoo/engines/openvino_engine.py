@@ -45,29 +45,28 @@ def read_network(core: Any, path: Path, self_contained: bool) -> tuple[Any, int]
     rewritten graph with its own sha256 where there was something to rewrite. A later run then reads it
     without importing onnx (~0.5 s)."""
     import hashlib
-    import json
 
     import openvino as ov
 
     from zoo import __version__
-    from zoo.registry import check_cache_dir, remember_pass, remembered_pass, sha256_file
+    from zoo.errors import OutputError
+    from zoo.outputs import atomic_path
+    from zoo.registry import check_cache_dir, remember_pass, remembered, sha256_file
 
     folder = check_cache_dir() if self_contained else None
     name = ""
     if folder is not None:
         key = f"{sha256_file(path)}\nopenvino group-norm rewrite\n{__version__}"
         name = "openvino-" + hashlib.sha256(key.encode()).hexdigest()
-        if remembered_pass(name):
-            try:
-                info = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-                n = int(info["groupnorms"])
-                if n == 0:
-                    return core.read_model(str(path)), 0
-                rewritten = folder / f"{name}.onnx"
-                if sha256_file(rewritten) == info["sha256"]:
-                    return core.read_model(str(rewritten)), n
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # unreadable or changed: rewrite again
+        info = remembered(name)
+        try:
+            if info is not None and info["groupnorms"] == 0:
+                return core.read_model(str(path)), 0
+            rewritten = folder / f"{name}.onnx"
+            if info is not None and sha256_file(rewritten) == info["sha256"]:
+                return core.read_model(str(rewritten)), int(info["groupnorms"])
+        except (OSError, KeyError, TypeError, ValueError):
+            pass  # missing or changed: rewrite again
     import onnx
 
     from zoo.engines.openvino_rewrite import group_norm_channels_last
@@ -79,13 +78,11 @@ def read_network(core: Any, path: Path, self_contained: bool) -> tuple[Any, int]
         detail: dict[str, Any] = {"groupnorms": n, "file": str(path)}
         if n:
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{name}.{os.getpid()}.onnx"
-                tmp.write_bytes(data)
-                tmp.replace(folder / f"{name}.onnx")
-                detail["sha256"] = hashlib.sha256(data).hexdigest()
-            except OSError:
-                return model, n
+                with atomic_path(folder / f"{name}.onnx") as tmp:
+                    tmp.write_bytes(data)
+            except OutputError:
+                return model, n  # a read-only home: rewritten again next time
+            detail["sha256"] = hashlib.sha256(data).hexdigest()
         remember_pass(name, detail)
     return model, n
 
